@@ -1,0 +1,1 @@
+"""App-level helpers: tracing entry points, argument parsing, the common driver, measurement."""

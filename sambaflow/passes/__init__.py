@@ -1,0 +1,1 @@
+"""Graph passes: cutting the traced step into section programs."""

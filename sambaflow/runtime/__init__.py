@@ -1,0 +1,1 @@
+"""The session runtime: a device tensor store by name and section runs."""

@@ -1,0 +1,121 @@
+"""Check what a user hands to `session.run` against the compiled graph, before anything runs."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from sambaflow.errors import SambaRunError
+from sambaflow.trace.graph import SECTION_ORDER, TensorSpec
+
+SECTION_ALIASES = {"fwd": "fwd", "bckwd": "bckwd", "gradnorm": "gradnorm", "opt": "opt"}
+
+
+def resolve_sections(section_types: Sequence[str] | str | None, compiled: list[str]) -> list[str]:
+    """Normalise section names (any case) and check they exist and come in compiled order."""
+    if section_types is None:
+        return list(compiled)
+    if isinstance(section_types, str):
+        section_types = [section_types]
+    chosen = []
+    for raw in section_types:
+        name = SECTION_ALIASES.get(str(raw).lower())
+        if name not in compiled:
+            raise SambaRunError(f"section_types: unknown section {raw!r}; this graph has sections "
+                                f"{compiled} (upper or lower case)")
+        chosen.append(name)
+    if chosen != [s for s in SECTION_ORDER if s in chosen] or len(set(chosen)) != len(chosen):
+        raise SambaRunError(f"section_types {list(section_types)}: sections run in the order "
+                            f"{[s for s in SECTION_ORDER if s in compiled]}, each at most once")
+    return chosen
+
+
+def match_inputs(given: Any, specs: list[TensorSpec]) -> dict[str, torch.Tensor]:
+    """Inputs by name (SambaTensors or a dict), or by position for unnamed tensors."""
+    pairs = _pairs(given, specs)
+    expected = {spec.name: spec for spec in specs}
+    unknown = [name for name, _ in pairs if name not in expected]
+    missing = [name for name in expected if name not in dict(pairs)]
+    if unknown or missing:
+        raise SambaRunError(
+            f"input_tensors: unknown {unknown}, missing {missing}. The graph expects "
+            f"{[s.describe() for s in specs]}; given {[n for n, _ in pairs]}")
+    feeds = {}
+    for name, value in pairs:
+        feeds[name] = _checked(value, expected[name], "input")
+    return feeds
+
+
+def _pairs(given: Any, specs: list[TensorSpec]) -> list[tuple[str, Any]]:
+    if isinstance(given, Mapping):
+        return list(given.items())
+    if isinstance(given, torch.Tensor):
+        given = [given]
+    if not isinstance(given, (list, tuple)):
+        raise SambaRunError(f"input_tensors must be a list, tuple or dict of tensors, got {type(given).__name__}")
+    pairs = []
+    for i, value in enumerate(given):
+        name = getattr(value, "sn_name", None)
+        if name is None:
+            name = specs[i].name if i < len(specs) else f"<unnamed input {i}>"
+        pairs.append((name, value))
+    return pairs
+
+
+def _checked(value: Any, spec: TensorSpec, what: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise SambaRunError(f"{what} '{spec.name}': expected a tensor, got {type(value).__name__}")
+    if tuple(value.shape) != spec.shape or value.dtype != spec.dtype:
+        raise SambaRunError(
+            f"{what} '{spec.name}': the graph was compiled for shape {list(spec.shape)} {spec.dtype}, "
+            f"given {list(value.shape)} {value.dtype}. Feed tensors of the compiled shape (pad or "
+            f"drop the last batch), or retrace / recompile for the new shape.")
+    plain = value.as_subclass(torch.Tensor) if type(value) is not torch.Tensor else value
+    return plain.detach()
+
+
+def check_seed(value: Any, spec: TensorSpec) -> torch.Tensor:
+    return _checked(value, spec, "gradient of output")
+
+
+def expand_hyperparams(given: Mapping[str, Any] | None, names: list[str],
+                       compiled: Mapping[str, float]) -> dict[str, float]:
+    """Map user keys (`lr`, `p`, `betas`, or exact input names) onto the graph's inputs."""
+    if not given:
+        return {}
+    if not isinstance(given, Mapping):
+        raise SambaRunError(f"hyperparam_dict must be a dict, got {type(given).__name__}")
+    result: dict[str, float] = {}
+    for key, value in given.items():
+        if key == "betas":
+            result |= expand_hyperparams({"beta1": value[0], "beta2": value[1]}, names, compiled)
+            continue
+        targets = [n for n in names if n == key or _family(n) == key]
+        if not targets and not _absent_and_zero(key, value):
+            raise SambaRunError(
+                f"hyperparam_dict: '{key}' is not a run-time input of this graph; it has {names}. "
+                + _hint(key))
+        result |= {n: float(value) for n in targets}
+    return result
+
+
+def _family(name: str) -> str:
+    """`lr__1` -> `lr`, `drop1__p` -> `p`, `lr` -> `lr`."""
+    head, _, tail = name.rpartition("__")
+    if tail == "p":
+        return "p"
+    return head if tail.isdigit() else name
+
+
+def _absent_and_zero(key: str, value: Any) -> bool:
+    # Apps pass {'momentum': 0} or {'p': 0} to graphs with no momentum or no dropout: a no-op.
+    return key in ("momentum", "p", "weight_decay") and float(value) == 0.0
+
+
+def _hint(key: str) -> str:
+    if key == "momentum":
+        return "Build SGD with momentum > 0 to tune momentum at run time."
+    if key == "p":
+        return "The model has no active dropout (nn.Dropout in train mode)."
+    return "Check the spelling, or the optimizer the graph was traced with."

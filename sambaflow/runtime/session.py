@@ -1,0 +1,227 @@
+"""The session: a device tensor store by name, and runs of whole steps or single sections.
+
+The store is the "device memory": weights, optimizer state, hyperparameters, gradients and the
+activations one section leaves for the next. It is separate from the host model, which changes
+only on `to_cpu`. A run checks every argument before it touches the store, and stages results
+so an error cannot leave the store half-updated.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from sambaflow.errors import SambaRunError
+from sambaflow.optim.base import SambaOptimizer
+from sambaflow.passes.sections import FULL_STEP, SAVED_PREFIX
+from sambaflow.runtime.current import set_current_session
+from sambaflow.runtime.executable import Executable
+from sambaflow.runtime.feeds import check_seed, expand_hyperparams, match_inputs, resolve_sections
+from sambaflow.tensors.sambatensor import SambaTensor
+from sambaflow.trace.graph import BUFFER, HYPER, INPUT, OUTPUT_GRAD, PARAM, STATE, TensorSpec
+
+
+class Session:
+    """What `samba.session` is: one per process."""
+
+    def __init__(self) -> None:
+        self.tracing = True
+        self.pinned_memory = False
+        self.trace_count = 0
+        self.reset()
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget the traced graph and the device tensor store."""
+        self.executable: Executable | None = None
+        self.store: dict[str, torch.Tensor] = {}
+        self.optimizers: list[SambaOptimizer] = []
+        self.init_output_grads = True
+        self._seed_defaults: dict[str, torch.Tensor] = {}
+
+    def load(self, executable: Executable, model: nn.Module, optimizers: Sequence[SambaOptimizer],
+             init_output_grads: bool = True) -> list[SambaTensor]:
+        """Make `executable` current and move the host model and optimizer state to the device."""
+        self.reset()
+        self.executable, self.optimizers = executable, list(optimizers)
+        self.init_output_grads = init_output_grads
+        graph = executable.graph
+        self.store.update((n, torch.tensor(v, dtype=torch.float64)) for n, v in graph.hyper_defaults.items())
+        for spec in graph.inputs_with_role(INPUT):
+            self.store[spec.name] = torch.zeros(spec.shape, dtype=spec.dtype)
+        self._seed_defaults = {s.name: self._default_seed(s) for s in graph.inputs_with_role(OUTPUT_GRAD)}
+        self.to_rdu(model, self.optimizers)
+        return self._outputs()
+
+    def _default_seed(self, spec: TensorSpec) -> torch.Tensor:
+        is_loss = spec.name.removesuffix("__grad") in self.executable.graph.loss_names
+        return torch.ones(spec.shape, dtype=spec.dtype) if is_loss else torch.zeros(spec.shape, dtype=spec.dtype)
+
+    # --- host <-> device ------------------------------------------------------------------------
+    def to_rdu(self, model: nn.Module, optimizers: Sequence[SambaOptimizer] | None = None) -> None:
+        """Copy host weights (and optimizer state and settings) into the device store."""
+        graph = self._require_graph("to_rdu")
+        wanted = {s.name for s in graph.inputs_with_role(PARAM, BUFFER, STATE)}
+        for name, tensor in _host_tensors(model):
+            if name in wanted:
+                self.store[name] = tensor.detach().as_subclass(torch.Tensor).clone()
+        for opt in optimizers if optimizers is not None else self.optimizers:
+            self._optimizer_to_rdu(opt, wanted)
+
+    def _optimizer_to_rdu(self, opt: SambaOptimizer, wanted: set[str]) -> None:
+        index = self.optimizers.index(opt) if opt in self.optimizers else 0
+        for j in range(len(opt.params)):
+            for key, value in opt.state_of(j).items():
+                if f"{opt.param_name(j)}__{key}" in wanted:
+                    self.store[f"{opt.param_name(j)}__{key}"] = value.detach().clone()
+        for key, value in opt.hyper.items():
+            name = key if index == 0 else f"{key}__{index}"
+            if name in self.store:
+                self.store[name] = torch.tensor(value, dtype=torch.float64)
+
+    def to_cpu(self, model: nn.Module, optimizers: Sequence[SambaOptimizer] | SambaOptimizer | None = None) -> None:
+        """Copy device weights (and, given optimizers, their state) back into the host objects."""
+        self._require_graph("to_cpu")
+        with torch.no_grad():
+            for name, tensor in _host_tensors(model):
+                if name in self.store:
+                    tensor.copy_(self.store[name])
+        if isinstance(optimizers, SambaOptimizer):
+            optimizers = [optimizers]
+        for opt in optimizers or []:
+            self._optimizer_to_cpu(opt)
+
+    def _optimizer_to_cpu(self, opt: SambaOptimizer) -> None:
+        index = self.optimizers.index(opt) if opt in self.optimizers else 0
+        for j in range(len(opt.params)):
+            state = opt.state_of(j)
+            for key in state:
+                name = f"{opt.param_name(j)}__{key}"
+                if name in self.store:
+                    state[key] = self.store[name].clone()
+        for key in opt.hyper:
+            name = key if index == 0 else f"{key}__{index}"
+            if name in self.store:
+                opt.hyper[key] = float(self.store[name])
+
+    def get_tensors_by_name(self, names: Sequence[str] | str) -> list[SambaTensor]:
+        """Named device tensors (parameters, state, gradients, outputs, hyperparameters)."""
+        if isinstance(names, str):
+            names = [names]
+        missing = [n for n in names if n not in self.store]
+        if missing:
+            known = sorted(n for n in self.store if not n.startswith(SAVED_PREFIX))
+            raise SambaRunError(f"get_tensors_by_name: no device tensor named {missing}; known: {known}")
+        return [SambaTensor(self.store[n], name=n) for n in names]
+
+    def gradient_of(self, name: str) -> SambaTensor | None:
+        grad = self.store.get(f"{name}__grad")
+        return None if grad is None else SambaTensor(grad, name=f"{name}__grad")
+
+    # --- running --------------------------------------------------------------------------------
+    def run(self, input_tensors: Any, output_tensors: Sequence[torch.Tensor] | None = None,
+            hyperparam_dict: Mapping[str, Any] | None = None, section_types: Sequence[str] | None = None,
+            grad_of_outputs: Sequence[torch.Tensor | None] | None = None, data_parallel: bool = False,
+            reduce_on_rdu: bool = False) -> list[SambaTensor]:
+        """Run sections (default: all) on named inputs; return the outputs in `forward` order."""
+        executable = self._require_executable()
+        graph = executable.graph
+        sections = resolve_sections(section_types, executable.sections)
+        feeds = match_inputs(input_tensors, graph.inputs_with_role(INPUT))
+        hyper = expand_hyperparams(hyperparam_dict, [s.name for s in graph.inputs_with_role(HYPER)],
+                                   graph.hyper_defaults)
+        if "bckwd" in sections:
+            feeds |= self._seeds(output_tensors, grad_of_outputs)
+        self._check_saved(sections)
+        self.store.update((n, torch.tensor(v, dtype=torch.float64)) for n, v in hyper.items())
+        self.store.update(feeds)
+        staged: dict[str, torch.Tensor] = {}
+        for name in [FULL_STEP] if sections == executable.sections else sections:
+            executable.run(name, self.store, staged)
+        self.store.update(staged)
+        return self._outputs()
+
+    def _outputs(self) -> list[SambaTensor]:
+        specs = self.executable.graph.model_outputs
+        return [SambaTensor(self.store.get(s.name, _empty(s)), name=s.name) for s in specs]
+
+    def _seeds(self, outputs: Sequence[torch.Tensor] | None, grads: Sequence[Any] | None) -> dict[str, torch.Tensor]:
+        specs = {s.name: s for s in self.executable.graph.inputs_with_role(OUTPUT_GRAD)}
+        names = [s.name for s in self.executable.graph.model_outputs]
+        explicit = _explicit_seeds(names, outputs, grads)
+        seeds = {}
+        for name, spec in specs.items():
+            value = explicit.get(name.removesuffix("__grad"))
+            if value is None and not self.init_output_grads:
+                raise SambaRunError(
+                    f"no gradient for output '{name.removesuffix('__grad')}': the graph was traced with "
+                    "init_output_grads=False, so pass grad_of_outputs=[...] or set out.sn_grad before bckwd")
+            seeds[name] = self._seed_defaults[name] if value is None else check_seed(value, spec)
+        return seeds
+
+    def _check_saved(self, sections: list[str]) -> None:
+        executable = self.executable
+        if sections == executable.sections:
+            return
+        produced: set[str] = set()
+        for section in sections:
+            program = executable.programs[section]
+            absent = [n for n in program.inputs if n.startswith(SAVED_PREFIX) and n not in produced
+                      and n not in self.store]
+            if absent:
+                raise SambaRunError(
+                    f"section '{section}' needs values that an earlier section leaves on the device "
+                    f"({len(absent)} tensors), and that section has not run since the graph was "
+                    f"loaded: run {executable.sections[:executable.sections.index(section)]} first")
+            produced.update(program.outputs)
+
+    # --- misc -----------------------------------------------------------------------------------
+    def _require_executable(self) -> Executable:
+        if self.executable is None:
+            raise SambaRunError("session.run: no graph is loaded. Call samba.utils.trace_graph(model, "
+                                "inputs, optim[, pef=...]) first.")
+        return self.executable
+
+    def _require_graph(self, what: str) -> Any:
+        if self.executable is None:
+            raise SambaRunError(f"session.{what}: no graph is loaded; call utils.trace_graph first")
+        return self.executable.graph
+
+    def enable_pinned_memory(self) -> None:
+        self.pinned_memory = True
+
+    def disable_pinned_memory(self) -> None:
+        self.pinned_memory = False
+
+
+def _host_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    from sambaflow.tensors.model import samba_name
+
+    tensors = [(p.sn_name, p) for p in model.parameters() if getattr(p, "sn_name", None)]
+    tensors += [(samba_name(*path.rpartition(".")[::2]), b) for path, b in model.named_buffers()]
+    return tensors
+
+
+def _explicit_seeds(names: list[str], outputs: Sequence[torch.Tensor] | None,
+                    grads: Sequence[Any] | None) -> dict[str, Any]:
+    seeds: dict[str, Any] = {}
+    for name, out in zip(names, outputs or []):
+        if getattr(out, "__dict__", {}).get("_sn_grad") is not None:
+            seeds[name] = out.__dict__["_sn_grad"]
+    if grads is not None:
+        if isinstance(grads, torch.Tensor):
+            grads = [grads]
+        if len(grads) > len(names):
+            raise SambaRunError(f"grad_of_outputs has {len(grads)} tensors; the graph has {len(names)} outputs {names}")
+        seeds |= {name: g for name, g in zip(names, grads) if g is not None}
+    return seeds
+
+
+def _empty(spec: TensorSpec) -> torch.Tensor:
+    return torch.zeros(spec.shape, dtype=spec.dtype)
+
+
+session = Session()
+set_current_session(session)

@@ -1,0 +1,1 @@
+"""SambaTensor, Samba parameters, factories and conversions."""

@@ -1,0 +1,44 @@
+"""`from_torch_model_`: turn a model's parameters into named Samba parameters, in place."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from sambaflow.tensors.sambatensor import SambaParameter
+
+
+def samba_name(module_path: str, leaf: str) -> str:
+    """SambaFlow's naming scheme: module path joined by double underscores (`lin__weight`)."""
+    parts = [p for p in module_path.split(".") if p] + [leaf]
+    return "__".join(parts)
+
+
+def from_torch_model_(model: nn.Module) -> nn.Module:
+    """Replace every parameter of `model` by a SambaParameter named after its module path.
+
+    The model keeps working in plain eager PyTorch (the parameters are still `nn.Parameter`s);
+    parameters shared between modules stay shared and keep the name of their first path.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"from_torch_model_ expects an nn.Module, got {type(model).__name__}")
+    converted: dict[int, SambaParameter] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        for leaf, param in list(module._parameters.items()):
+            if param is None:
+                continue
+            module._parameters[leaf] = _converted(param, samba_name(path, leaf), converted)
+    return model
+
+
+def _converted(param: nn.Parameter, name: str, converted: dict[int, SambaParameter]) -> SambaParameter:
+    if id(param) in converted:
+        return converted[id(param)]
+    if isinstance(param, SambaParameter):
+        new = param
+    else:
+        new = SambaParameter(param.data, param.requires_grad, name)
+    converted[id(param)] = new
+    return new
+
+
+from_torch_ = from_torch_model_

@@ -1,0 +1,136 @@
+"""SambaTensor: a torch tensor with a name, a batch dimension and a device gradient.
+
+A SambaTensor *is* a `torch.Tensor` (a subclass sharing the wrapped tensor's memory), so every
+torch operator, `torch.*` function, `torch.nn.functional` call and `nn` module accepts it. Results
+of operators are plain torch tensors: only the tensors a user names are SambaTensors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from sambaflow.runtime.current import current_session
+
+
+class SambaTensor(torch.Tensor):
+    """A named tensor that can be fed to, or read from, a compiled graph."""
+
+    # Operators on SambaTensors return plain tensors (as for nn.Parameter); the names belong to
+    # the tensors the user created, not to every intermediate.
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    sn_name: str | None
+    batch_dim: int | None
+
+    def __new__(
+        cls,
+        torch_tensor: torch.Tensor | None = None,
+        shape: tuple[int, ...] | None = None,
+        dtype: torch.dtype | None = None,
+        name: str | None = None,
+        batch_dim: int | None = None,
+        requires_grad: bool | None = None,
+    ) -> SambaTensor:
+        data = _initial_data(torch_tensor, shape, dtype)
+        grad_flag = data.requires_grad if requires_grad is None else requires_grad
+        tensor = torch.Tensor._make_subclass(cls, data.detach(), grad_flag)
+        _set_samba_attributes(tensor, name, batch_dim)
+        return tensor
+
+    @property
+    def name(self) -> str | None:  # type: ignore[override]
+        return self.sn_name
+
+    @property
+    def sn_grad(self) -> torch.Tensor | None:
+        """The device gradient: a seed set by the user, else the one the last run computed."""
+        seed = self.__dict__.get("_sn_grad")
+        if seed is not None or self.sn_name is None:
+            return seed
+        session = current_session()
+        return None if session is None else session.gradient_of(self.sn_name)
+
+    @sn_grad.setter
+    def sn_grad(self, value: torch.Tensor | None) -> None:
+        self.__dict__["_sn_grad"] = value
+
+    def torch(self) -> torch.Tensor:
+        """The plain torch tensor, sharing memory."""
+        return self.as_subclass(torch.Tensor)
+
+    torch_tensor = torch
+
+    def cpu(self, *args: Any, **kwargs: Any) -> SambaTensor:  # type: ignore[override]
+        """Host copy. Host and device memory are both host memory for the CPU backend."""
+        return self._renamed(torch.Tensor.cpu(self, *args, **kwargs))
+
+    def rdu(self) -> SambaTensor:
+        """Mark for the device; data moves to the device when a graph runs."""
+        return self
+
+    def bfloat16(self, *args: Any, **kwargs: Any) -> SambaTensor:  # type: ignore[override]
+        return self._renamed(torch.Tensor.bfloat16(self, *args, **kwargs))
+
+    def float(self, *args: Any, **kwargs: Any) -> SambaTensor:  # type: ignore[override]
+        return self._renamed(torch.Tensor.float(self, *args, **kwargs))
+
+    def half(self, *args: Any, **kwargs: Any) -> SambaTensor:  # type: ignore[override]
+        return self._renamed(torch.Tensor.half(self, *args, **kwargs))
+
+    def to(self, *args: Any, **kwargs: Any) -> SambaTensor:  # type: ignore[override]
+        return self._renamed(torch.Tensor.to(self, *args, **kwargs))
+
+    def _renamed(self, result: torch.Tensor) -> SambaTensor:
+        if result is self:
+            return self
+        return SambaTensor(result, name=self.sn_name, batch_dim=self.batch_dim)
+
+    def __repr__(self, *, tensor_contents: Any = None) -> str:  # type: ignore[override]
+        values = repr(self.torch().detach())
+        return (
+            f"SambaTensor(name={self.sn_name!r}, shape={tuple(self.shape)}, dtype={self.dtype}, "
+            f"batch_dim={self.batch_dim}, requires_grad={self.requires_grad},\n  {values})"
+        )
+
+    def __reduce_ex__(self, protocol: int) -> Any:
+        # Pickle (and torch.save) as a plain tensor: checkpoints must load with weights_only=True.
+        return self.torch().detach().clone().__reduce_ex__(protocol)
+
+
+class SambaParameter(SambaTensor, nn.Parameter):
+    """A model parameter converted by `from_torch_model_`: an nn.Parameter with a Samba name."""
+
+    def __new__(
+        cls, data: torch.Tensor | None = None, requires_grad: bool = True, name: str | None = None
+    ) -> SambaParameter:
+        base = torch.empty(0) if data is None else data.detach()
+        tensor = torch.Tensor._make_subclass(cls, base, requires_grad)
+        _set_samba_attributes(tensor, name, None)
+        return tensor
+
+    def __deepcopy__(self, memo: dict) -> SambaParameter:
+        if id(self) not in memo:
+            clone = self.torch().detach().clone(memory_format=torch.preserve_format)
+            memo[id(self)] = SambaParameter(clone, self.requires_grad, self.sn_name)
+        return memo[id(self)]
+
+    def __repr__(self, *, tensor_contents: Any = None) -> str:  # type: ignore[override]
+        return "Samba" + super().__repr__().replace("SambaTensor(", "Parameter(", 1)
+
+
+def _initial_data(
+    torch_tensor: torch.Tensor | None, shape: tuple[int, ...] | None, dtype: torch.dtype | None
+) -> torch.Tensor:
+    if torch_tensor is not None:
+        return torch_tensor if dtype is None else torch_tensor.to(dtype)
+    if shape is None:
+        raise TypeError("SambaTensor needs either torch_tensor= or shape=")
+    return torch.zeros(*shape, dtype=dtype or torch.float32)
+
+
+def _set_samba_attributes(tensor: torch.Tensor, name: str | None, batch_dim: int | None) -> None:
+    tensor.sn_name = name
+    tensor.batch_dim = batch_dim

@@ -1,0 +1,68 @@
+"""The traced whole-step graph: an fx graph of ATen ops with named inputs, outputs and sections."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+#: roles of graph inputs
+INPUT, PARAM, BUFFER, STATE, HYPER, OUTPUT_GRAD = "input", "param", "buffer", "state", "hyper", "output_grad"
+#: roles of graph outputs
+OUTPUT, GRAD, INPUT_GRAD, PARAM_UPDATE, STATE_UPDATE = "output", "grad", "input_grad", "param_update", "state_update"
+
+SECTION_ORDER = ("fwd", "bckwd", "gradnorm", "opt")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A named tensor the graph reads or writes."""
+
+    name: str
+    role: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    batch_dim: int | None = None
+
+    @staticmethod
+    def of(name: str, role: str, tensor: torch.Tensor, batch_dim: int | None = None) -> TensorSpec:
+        return TensorSpec(name, role, tuple(tensor.shape), tensor.dtype, batch_dim)
+
+    def describe(self) -> str:
+        shape = "x".join(map(str, self.shape)) or "scalar"
+        return f"{self.name} [{shape} {str(self.dtype).replace('torch.', '')}]"
+
+
+@dataclass
+class TracedGraph:
+    """The whole training (or inference) step.
+
+    `module`'s placeholders are `inputs` in order; its outputs are `outputs` in order. Every
+    call node carries `meta['section']`. Outputs named like an input (updated parameters and
+    optimizer state) overwrite that input in the device tensor store.
+    """
+
+    module: fx.GraphModule
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    sections: list[str]
+    loss_names: list[str] = field(default_factory=list)
+    hyper_defaults: dict[str, float] = field(default_factory=dict)
+    baked: list[str] = field(default_factory=list)
+
+    @property
+    def model_outputs(self) -> list[TensorSpec]:
+        return [spec for spec in self.outputs if spec.role == OUTPUT]
+
+    def inputs_with_role(self, *roles: str) -> list[TensorSpec]:
+        return [spec for spec in self.inputs if spec.role in roles]
+
+    def as_text(self) -> str:
+        """The graph, readable: named inputs, ops grouped by section, named outputs."""
+        from sambaflow.trace.printing import graph_text
+
+        return graph_text(self)
+
+    def __str__(self) -> str:
+        return self.as_text()
