@@ -37,8 +37,14 @@ def compare(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]
     return abs_err, rel_err
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str = "tensor",
-                 threshold: float | None = None, rtol: float | None = None, visualize: bool = False) -> None:
+def assert_close(
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    name: str = "tensor",
+    threshold: float | None = None,
+    rtol: float | None = None,
+    visualize: bool = False,
+) -> None:
     """Raise if `actual` differs from `expected`: |a - e| <= threshold + rtol * |e| elementwise."""
     a = torch.as_tensor(actual).detach().double().cpu()
     e = torch.as_tensor(expected).detach().double().cpu()
@@ -51,4 +57,5 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str = "tens
         abs_err, rel_err = compare(a, e)
         raise SambaMismatchError(
             f"{name}: {int(bad.sum())} of {a.numel()} values differ (max abs {abs_err:.3g}, "
-            f"max rel {rel_err:.3g}; tolerance abs {atol:g} + rel {rel:g})")
+            f"max rel {rel_err:.3g}; tolerance abs {atol:g} + rel {rel:g})"
+        )

@@ -23,10 +23,19 @@ def optimizer_list(optim: SambaOptimizer | Sequence[SambaOptimizer] | None) -> l
     return [optim]
 
 
-def trace_graph(model: nn.Module, inputs: Sequence[torch.Tensor], optim: Any = None,
-                init_output_grads: bool = True, loss_indices: Sequence[int] | None = None,
-                pef: str | None = "", mapping: str = "section", data_parallel_mode: str = "normal",
-                transfer_device: bool = True, backend: str = "reference", **_: Any) -> list[SambaTensor]:
+def trace_graph(
+    model: nn.Module,
+    inputs: Sequence[torch.Tensor],
+    optim: Any = None,
+    init_output_grads: bool = True,
+    loss_indices: Sequence[int] | None = None,
+    pef: str | None = "",
+    mapping: str = "section",
+    data_parallel_mode: str = "normal",
+    transfer_device: bool = True,
+    backend: str = "reference",
+    **_: Any,
+) -> list[SambaTensor]:
     """Trace `model` (forward, backward and `optim`'s update) and load it into the session.
 
     With no optimizer the graph is forward-only (inference). Returns the graph's outputs, also

@@ -20,16 +20,29 @@ class AdamW(SambaOptimizer):
 
     hyper_names = ("lr", "beta1", "beta2", "eps", "weight_decay")
 
-    def __init__(self, params: Iterable[torch.Tensor], lr: float = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.997), eps: float = 1e-8,
-                 weight_decay: float = 0.0, amsgrad: bool = False,
-                 max_grad_norm: float | None = None) -> None:
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.997),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        max_grad_norm: float | None = None,
+    ) -> None:
         if len(tuple(betas)) != 2:
             raise SambaOptimizerError(f"AdamW: betas must be a pair (beta1, beta2), got {betas!r}")
         if max_grad_norm is not None and max_grad_norm <= 0:
             raise SambaOptimizerError(f"AdamW: max_grad_norm must be positive, got {max_grad_norm}")
-        defaults = {"lr": lr, "beta1": betas[0], "beta2": betas[1], "eps": eps,
-                    "weight_decay": weight_decay, "amsgrad": amsgrad, "max_grad_norm": max_grad_norm}
+        defaults = {
+            "lr": lr,
+            "beta1": betas[0],
+            "beta2": betas[1],
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "amsgrad": amsgrad,
+            "max_grad_norm": max_grad_norm,
+        }
         self.state_names = ("step", "exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
         super().__init__(params, defaults)
 
@@ -47,8 +60,9 @@ class AdamW(SambaOptimizer):
         scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         return [g * scale for g in grads]
 
-    def update(self, params: list[torch.Tensor], grads: list[torch.Tensor],
-               states: list[State], hyper: Hyper) -> tuple[list[torch.Tensor], list[State]]:
+    def update(
+        self, params: list[torch.Tensor], grads: list[torch.Tensor], states: list[State], hyper: Hyper
+    ) -> tuple[list[torch.Tensor], list[State]]:
         lr, beta1, beta2 = hyper["lr"], hyper["beta1"], hyper["beta2"]
         new_params, new_states = [], []
         for param, grad, state in zip(params, grads, states):
@@ -65,13 +79,22 @@ class AdamW(SambaOptimizer):
                 second = torch.maximum(state["max_exp_avg_sq"], exp_avg_sq)
                 new_state["max_exp_avg_sq"] = second
             denom = second.sqrt() / bias2_sqrt + hyper["eps"]
-            new_params.append(param - (lr / bias1) * (exp_avg / denom))
+            # torch's addcdiv_ order: param + (value * exp_avg) / denom
+            new_params.append(param + (-(lr / bias1) * exp_avg) / denom)
             new_states.append(new_state)
         return new_params, new_states
 
     def torch_group_settings(self) -> dict[str, Any]:
-        return {"lr": self.hyper["lr"], "betas": (self.hyper["beta1"], self.hyper["beta2"]),
-                "eps": self.hyper["eps"], "weight_decay": self.hyper["weight_decay"],
-                "amsgrad": self.defaults["amsgrad"], "maximize": False, "foreach": None,
-                "capturable": False, "differentiable": False, "fused": None,
-                "max_grad_norm": self.defaults["max_grad_norm"]}
+        return {
+            "lr": self.hyper["lr"],
+            "betas": (self.hyper["beta1"], self.hyper["beta2"]),
+            "eps": self.hyper["eps"],
+            "weight_decay": self.hyper["weight_decay"],
+            "amsgrad": self.defaults["amsgrad"],
+            "maximize": False,
+            "foreach": None,
+            "capturable": False,
+            "differentiable": False,
+            "fused": None,
+            "max_grad_norm": self.defaults["max_grad_norm"],
+        }

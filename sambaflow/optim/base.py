@@ -34,8 +34,9 @@ class SambaOptimizer:
         self.state: dict[int, State] = {}
 
     # --- functional rule, traced into the graph ------------------------------------------
-    def update(self, params: list[torch.Tensor], grads: list[torch.Tensor],
-               states: list[State], hyper: Hyper) -> tuple[list[torch.Tensor], list[State]]:
+    def update(
+        self, params: list[torch.Tensor], grads: list[torch.Tensor], states: list[State], hyper: Hyper
+    ) -> tuple[list[torch.Tensor], list[State]]:
         raise NotImplementedError
 
     def clip_gradients(self, grads: list[torch.Tensor]) -> list[torch.Tensor] | None:
@@ -71,7 +72,8 @@ class SambaOptimizer:
             raise SambaOptimizerError(
                 f"{type(self).__name__}.load_state_dict: expected one parameter group with "
                 f"{len(self.params)} parameters (torch.optim format); got "
-                f"{_describe_groups(groups)}. Save with optimizer.state_dict() from the same model.")
+                f"{_describe_groups(groups)}. Save with optimizer.state_dict() from the same model."
+            )
         saved = dict(groups[0])
         if "betas" in saved:  # torch's Adam family keeps the betas as one pair
             saved["beta1"], saved["beta2"] = saved["betas"]
@@ -93,14 +95,16 @@ def _parameter_list(params: Iterable[torch.Tensor], owner: str) -> list[torch.Te
     if params and isinstance(params[0], dict):
         raise SambaOptimizerError(
             f"{owner}: parameter-group dicts are not supported; pass a list of optimizers, one per "
-            "group, to trace_graph / session.compile instead")
+            "group, to trace_graph / session.compile instead"
+        )
     if not params:
         raise SambaOptimizerError(f"{owner} got an empty parameter list")
     for i, param in enumerate(params):
         if getattr(param, "sn_name", None) is None:
             raise SambaOptimizerError(
                 f"{owner}: parameter {i} (shape {tuple(param.shape)}) has no Samba name. Call "
-                "samba.from_torch_model_(model) before building the optimizer.")
+                "samba.from_torch_model_(model) before building the optimizer."
+            )
     return params
 
 

@@ -13,12 +13,24 @@ from sambaflow.optim.base import Hyper, SambaOptimizer, State
 class SGD(SambaOptimizer):
     """`samba.optim.SGD(params, lr, momentum=0, dampening=0, weight_decay=0, nesterov=False)`."""
 
-    def __init__(self, params: Iterable[torch.Tensor], lr: float = 1e-3, momentum: float = 0.0,
-                 dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False) -> None:
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor],
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+    ) -> None:
         if nesterov and (momentum <= 0 or dampening != 0):
             raise SambaOptimizerError("SGD: nesterov=True needs momentum > 0 and dampening = 0")
-        defaults = {"lr": lr, "momentum": momentum, "dampening": dampening,
-                    "weight_decay": weight_decay, "nesterov": nesterov}
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "dampening": dampening,
+            "weight_decay": weight_decay,
+            "nesterov": nesterov,
+        }
         # A momentum buffer exists only when momentum was asked for at construction: plain SGD
         # keeps no state, as in torch. `momentum` is then a run-time input like lr.
         self.hyper_names = ("lr", "weight_decay") + (("momentum",) if momentum else ())
@@ -35,8 +47,9 @@ class SGD(SambaOptimizer):
             state["momentum_started"] = torch.zeros((), dtype=torch.float64)
         return state
 
-    def update(self, params: list[torch.Tensor], grads: list[torch.Tensor],
-               states: list[State], hyper: Hyper) -> tuple[list[torch.Tensor], list[State]]:
+    def update(
+        self, params: list[torch.Tensor], grads: list[torch.Tensor], states: list[State], hyper: Hyper
+    ) -> tuple[list[torch.Tensor], list[State]]:
         new_params, new_states = [], []
         for param, grad, state in zip(params, grads, states):
             # `g + wd * p`, never `g.add(p, alpha=wd)`: Inductor drops alpha when it fuses an add
@@ -57,11 +70,20 @@ class SGD(SambaOptimizer):
             return {"momentum_buffer": momentum * buffer + step}
         started = state["momentum_started"]
         scale = 1.0 - started * self.defaults["dampening"]
-        return {"momentum_buffer": momentum * buffer + scale * step,
-                "momentum_started": torch.ones_like(started)}
+        return {
+            "momentum_buffer": momentum * buffer + scale * step,
+            "momentum_started": torch.ones_like(started),
+        }
 
     def torch_group_settings(self) -> dict[str, Any]:
-        return {"lr": self.hyper["lr"], "momentum": self.hyper.get("momentum", 0.0),
-                "dampening": self.defaults["dampening"],
-                "weight_decay": self.hyper["weight_decay"], "nesterov": self.defaults["nesterov"],
-                "maximize": False, "foreach": None, "differentiable": False, "fused": None}
+        return {
+            "lr": self.hyper["lr"],
+            "momentum": self.hyper.get("momentum", 0.0),
+            "dampening": self.defaults["dampening"],
+            "weight_decay": self.hyper["weight_decay"],
+            "nesterov": self.defaults["nesterov"],
+            "maximize": False,
+            "foreach": None,
+            "differentiable": False,
+            "fused": None,
+        }

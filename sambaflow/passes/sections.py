@@ -32,13 +32,18 @@ class SectionProgram:
         placeholders = [n for n in self.module.graph.nodes if n.op == "placeholder"]
         names = dict(zip(placeholders, self.inputs))
         body = [node_text(n, names) for n in self.module.graph.nodes if n.op not in ("placeholder", "output")]
-        return "\n".join([f"program {self.name}({', '.join(self.inputs)})"] + ["  " + b for b in body]
-                         + [f"  -> {', '.join(self.outputs)}"])
+        return "\n".join(
+            [f"program {self.name}({', '.join(self.inputs)})"]
+            + ["  " + b for b in body]
+            + [f"  -> {', '.join(self.outputs)}"]
+        )
 
 
 def full_step_program(graph: TracedGraph) -> SectionProgram:
     """The whole step as one program (the fast path for a run of every section)."""
-    return SectionProgram(FULL_STEP, graph.module, [s.name for s in graph.inputs], [s.name for s in graph.outputs])
+    return SectionProgram(
+        FULL_STEP, graph.module, [s.name for s in graph.inputs], [s.name for s in graph.outputs]
+    )
 
 
 def section_programs(graph: TracedGraph) -> dict[str, SectionProgram]:
@@ -54,8 +59,12 @@ def _value_name(node: fx.Node, input_names: dict[fx.Node, str]) -> str:
     return input_names.get(node, SAVED_PREFIX + node.name)
 
 
-def _cut(graph: TracedGraph, section: str, input_names: dict[fx.Node, str],
-         graph_outputs: list[tuple[fx.Node, str]]) -> SectionProgram:
+def _cut(
+    graph: TracedGraph,
+    section: str,
+    input_names: dict[fx.Node, str],
+    graph_outputs: list[tuple[fx.Node, str]],
+) -> SectionProgram:
     members = [n for n in graph.module.graph.nodes if n.meta.get("section") == section]
     member_set = set(members)
     new_graph = fx.Graph()

@@ -22,12 +22,16 @@ def resolve_sections(section_types: Sequence[str] | str | None, compiled: list[s
     for raw in section_types:
         name = SECTION_ALIASES.get(str(raw).lower())
         if name not in compiled:
-            raise SambaRunError(f"section_types: unknown section {raw!r}; this graph has sections "
-                                f"{compiled} (upper or lower case)")
+            raise SambaRunError(
+                f"section_types: unknown section {raw!r}; this graph has sections "
+                f"{compiled} (upper or lower case)"
+            )
         chosen.append(name)
     if chosen != [s for s in SECTION_ORDER if s in chosen] or len(set(chosen)) != len(chosen):
-        raise SambaRunError(f"section_types {list(section_types)}: sections run in the order "
-                            f"{[s for s in SECTION_ORDER if s in compiled]}, each at most once")
+        raise SambaRunError(
+            f"section_types {list(section_types)}: sections run in the order "
+            f"{[s for s in SECTION_ORDER if s in compiled]}, each at most once"
+        )
     return chosen
 
 
@@ -40,7 +44,8 @@ def match_inputs(given: Any, specs: list[TensorSpec]) -> dict[str, torch.Tensor]
     if unknown or missing:
         raise SambaRunError(
             f"input_tensors: unknown {unknown}, missing {missing}. The graph expects "
-            f"{[s.describe() for s in specs]}; given {[n for n, _ in pairs]}")
+            f"{[s.describe() for s in specs]}; given {[n for n, _ in pairs]}"
+        )
     feeds = {}
     for name, value in pairs:
         feeds[name] = _checked(value, expected[name], "input")
@@ -53,7 +58,9 @@ def _pairs(given: Any, specs: list[TensorSpec]) -> list[tuple[str, Any]]:
     if isinstance(given, torch.Tensor):
         given = [given]
     if not isinstance(given, (list, tuple)):
-        raise SambaRunError(f"input_tensors must be a list, tuple or dict of tensors, got {type(given).__name__}")
+        raise SambaRunError(
+            f"input_tensors must be a list, tuple or dict of tensors, got {type(given).__name__}"
+        )
     pairs = []
     for i, value in enumerate(given):
         name = getattr(value, "sn_name", None)
@@ -70,7 +77,8 @@ def _checked(value: Any, spec: TensorSpec, what: str) -> torch.Tensor:
         raise SambaRunError(
             f"{what} '{spec.name}': the graph was compiled for shape {list(spec.shape)} {spec.dtype}, "
             f"given {list(value.shape)} {value.dtype}. Feed tensors of the compiled shape (pad or "
-            f"drop the last batch), or retrace / recompile for the new shape.")
+            f"drop the last batch), or retrace / recompile for the new shape."
+        )
     plain = value.as_subclass(torch.Tensor) if type(value) is not torch.Tensor else value
     return plain.detach()
 
@@ -79,8 +87,9 @@ def check_seed(value: Any, spec: TensorSpec) -> torch.Tensor:
     return _checked(value, spec, "gradient of output")
 
 
-def expand_hyperparams(given: Mapping[str, Any] | None, names: list[str],
-                       compiled: Mapping[str, float]) -> dict[str, float]:
+def expand_hyperparams(
+    given: Mapping[str, Any] | None, names: list[str], compiled: Mapping[str, float]
+) -> dict[str, float]:
     """Map user keys (`lr`, `p`, `betas`, or exact input names) onto the graph's inputs."""
     if not given:
         return {}
@@ -95,7 +104,8 @@ def expand_hyperparams(given: Mapping[str, Any] | None, names: list[str],
         if not targets and not _absent_and_zero(key, value):
             raise SambaRunError(
                 f"hyperparam_dict: '{key}' is not a run-time input of this graph; it has {names}. "
-                + _hint(key))
+                + _hint(key)
+            )
         result |= {n: float(value) for n in targets}
     return result
 

@@ -41,8 +41,13 @@ class Session:
         self.init_output_grads = True
         self._seed_defaults: dict[str, torch.Tensor] = {}
 
-    def load(self, executable: Executable, model: nn.Module, optimizers: Sequence[SambaOptimizer],
-             init_output_grads: bool = True) -> list[SambaTensor]:
+    def load(
+        self,
+        executable: Executable,
+        model: nn.Module,
+        optimizers: Sequence[SambaOptimizer],
+        init_output_grads: bool = True,
+    ) -> list[SambaTensor]:
         """Make `executable` current and move the host model and optimizer state to the device."""
         self.reset()
         self.executable, self.optimizers = executable, list(optimizers)
@@ -57,7 +62,9 @@ class Session:
 
     def _default_seed(self, spec: TensorSpec) -> torch.Tensor:
         is_loss = spec.name.removesuffix("__grad") in self.executable.graph.loss_names
-        return torch.ones(spec.shape, dtype=spec.dtype) if is_loss else torch.zeros(spec.shape, dtype=spec.dtype)
+        return (
+            torch.ones(spec.shape, dtype=spec.dtype) if is_loss else torch.zeros(spec.shape, dtype=spec.dtype)
+        )
 
     # --- host <-> device ------------------------------------------------------------------------
     def to_rdu(self, model: nn.Module, optimizers: Sequence[SambaOptimizer] | None = None) -> None:
@@ -81,7 +88,9 @@ class Session:
             if name in self.store:
                 self.store[name] = torch.tensor(value, dtype=torch.float64)
 
-    def to_cpu(self, model: nn.Module, optimizers: Sequence[SambaOptimizer] | SambaOptimizer | None = None) -> None:
+    def to_cpu(
+        self, model: nn.Module, optimizers: Sequence[SambaOptimizer] | SambaOptimizer | None = None
+    ) -> None:
         """Copy device weights (and, given optimizers, their state) back into the host objects."""
         self._require_graph("to_cpu")
         with torch.no_grad():
@@ -121,17 +130,24 @@ class Session:
         return None if grad is None else SambaTensor(grad, name=f"{name}__grad")
 
     # --- running --------------------------------------------------------------------------------
-    def run(self, input_tensors: Any, output_tensors: Sequence[torch.Tensor] | None = None,
-            hyperparam_dict: Mapping[str, Any] | None = None, section_types: Sequence[str] | None = None,
-            grad_of_outputs: Sequence[torch.Tensor | None] | None = None, data_parallel: bool = False,
-            reduce_on_rdu: bool = False) -> list[SambaTensor]:
+    def run(
+        self,
+        input_tensors: Any,
+        output_tensors: Sequence[torch.Tensor] | None = None,
+        hyperparam_dict: Mapping[str, Any] | None = None,
+        section_types: Sequence[str] | None = None,
+        grad_of_outputs: Sequence[torch.Tensor | None] | None = None,
+        data_parallel: bool = False,
+        reduce_on_rdu: bool = False,
+    ) -> list[SambaTensor]:
         """Run sections (default: all) on named inputs; return the outputs in `forward` order."""
         executable = self._require_executable()
         graph = executable.graph
         sections = resolve_sections(section_types, executable.sections)
         feeds = match_inputs(input_tensors, graph.inputs_with_role(INPUT))
-        hyper = expand_hyperparams(hyperparam_dict, [s.name for s in graph.inputs_with_role(HYPER)],
-                                   graph.hyper_defaults)
+        hyper = expand_hyperparams(
+            hyperparam_dict, [s.name for s in graph.inputs_with_role(HYPER)], graph.hyper_defaults
+        )
         if "bckwd" in sections:
             feeds |= self._seeds(output_tensors, grad_of_outputs)
         self._check_saved(sections)
@@ -147,7 +163,9 @@ class Session:
         specs = self.executable.graph.model_outputs
         return [SambaTensor(self.store.get(s.name, _empty(s)), name=s.name) for s in specs]
 
-    def _seeds(self, outputs: Sequence[torch.Tensor] | None, grads: Sequence[Any] | None) -> dict[str, torch.Tensor]:
+    def _seeds(
+        self, outputs: Sequence[torch.Tensor] | None, grads: Sequence[Any] | None
+    ) -> dict[str, torch.Tensor]:
         specs = {s.name: s for s in self.executable.graph.inputs_with_role(OUTPUT_GRAD)}
         names = [s.name for s in self.executable.graph.model_outputs]
         explicit = _explicit_seeds(names, outputs, grads)
@@ -157,7 +175,8 @@ class Session:
             if value is None and not self.init_output_grads:
                 raise SambaRunError(
                     f"no gradient for output '{name.removesuffix('__grad')}': the graph was traced with "
-                    "init_output_grads=False, so pass grad_of_outputs=[...] or set out.sn_grad before bckwd")
+                    "init_output_grads=False, so pass grad_of_outputs=[...] or set out.sn_grad before bckwd"
+                )
             seeds[name] = self._seed_defaults[name] if value is None else check_seed(value, spec)
         return seeds
 
@@ -168,20 +187,26 @@ class Session:
         produced: set[str] = set()
         for section in sections:
             program = executable.programs[section]
-            absent = [n for n in program.inputs if n.startswith(SAVED_PREFIX) and n not in produced
-                      and n not in self.store]
+            absent = [
+                n
+                for n in program.inputs
+                if n.startswith(SAVED_PREFIX) and n not in produced and n not in self.store
+            ]
             if absent:
                 raise SambaRunError(
                     f"section '{section}' needs values that an earlier section leaves on the device "
                     f"({len(absent)} tensors), and that section has not run since the graph was "
-                    f"loaded: run {executable.sections[:executable.sections.index(section)]} first")
+                    f"loaded: run {executable.sections[: executable.sections.index(section)]} first"
+                )
             produced.update(program.outputs)
 
     # --- misc -----------------------------------------------------------------------------------
     def _require_executable(self) -> Executable:
         if self.executable is None:
-            raise SambaRunError("session.run: no graph is loaded. Call samba.utils.trace_graph(model, "
-                                "inputs, optim[, pef=...]) first.")
+            raise SambaRunError(
+                "session.run: no graph is loaded. Call samba.utils.trace_graph(model, "
+                "inputs, optim[, pef=...]) first."
+            )
         return self.executable
 
     def _require_graph(self, what: str) -> Any:
@@ -204,8 +229,9 @@ def _host_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return tensors
 
 
-def _explicit_seeds(names: list[str], outputs: Sequence[torch.Tensor] | None,
-                    grads: Sequence[Any] | None) -> dict[str, Any]:
+def _explicit_seeds(
+    names: list[str], outputs: Sequence[torch.Tensor] | None, grads: Sequence[Any] | None
+) -> dict[str, Any]:
     seeds: dict[str, Any] = {}
     for name, out in zip(names, outputs or []):
         if getattr(out, "__dict__", {}).get("_sn_grad") is not None:
@@ -214,7 +240,9 @@ def _explicit_seeds(names: list[str], outputs: Sequence[torch.Tensor] | None,
         if isinstance(grads, torch.Tensor):
             grads = [grads]
         if len(grads) > len(names):
-            raise SambaRunError(f"grad_of_outputs has {len(grads)} tensors; the graph has {len(names)} outputs {names}")
+            raise SambaRunError(
+                f"grad_of_outputs has {len(grads)} tensors; the graph has {len(names)} outputs {names}"
+            )
         seeds |= {name: g for name, g in zip(names, grads) if g is not None}
     return seeds
 

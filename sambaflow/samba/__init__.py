@@ -1,15 +1,38 @@
 """`sambaflow.samba`: SambaFlow's public API (`from sambaflow import samba`)."""
 
 from sambaflow.runtime.session import session
+from sambaflow.samba import optim, utils  # noqa: E402  (after session: utils uses it)
 from sambaflow.tensors.factories import (
-    from_torch, from_torch_tensor, normal, ones, rand, randint, randn, randn_like, to_torch, zeros,
+    from_torch,
+    from_torch_tensor,
+    normal,
+    ones,
+    rand,
+    randint,
+    randn,
+    randn_like,
+    to_torch,
+    zeros,
 )
 from sambaflow.tensors.model import from_torch_, from_torch_model_
 from sambaflow.tensors.sambatensor import SambaParameter, SambaTensor
-from sambaflow.samba import optim, utils  # noqa: E402  (after session: utils uses it)
 
 __all__ = [
-    "SambaParameter", "SambaTensor", "from_torch", "from_torch_", "from_torch_model_",
-    "from_torch_tensor", "normal", "ones", "optim", "rand", "randint", "randn", "randn_like",
-    "session", "to_torch", "utils", "zeros",
+    "SambaParameter",
+    "SambaTensor",
+    "from_torch",
+    "from_torch_",
+    "from_torch_model_",
+    "from_torch_tensor",
+    "normal",
+    "ones",
+    "optim",
+    "rand",
+    "randint",
+    "randn",
+    "randn_like",
+    "session",
+    "to_torch",
+    "utils",
+    "zeros",
 ]

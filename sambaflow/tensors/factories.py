@@ -19,47 +19,89 @@ def _size(size: tuple) -> tuple[int, ...]:
     return tuple(size)
 
 
-def randn(*size: Any, name: str | None = None, batch_dim: int | None = None,
-          requires_grad: bool = False, dtype: torch.dtype | None = None, **kwargs: Any) -> SambaTensor:
+def randn(
+    *size: Any,
+    name: str | None = None,
+    batch_dim: int | None = None,
+    requires_grad: bool = False,
+    dtype: torch.dtype | None = None,
+    **kwargs: Any,
+) -> SambaTensor:
     """`torch.randn` returning a named SambaTensor."""
     return _wrap(torch.randn(*_size(size), dtype=dtype, **kwargs), name, batch_dim, requires_grad)
 
 
-def rand(*size: Any, name: str | None = None, batch_dim: int | None = None,
-         requires_grad: bool = False, dtype: torch.dtype | None = None, **kwargs: Any) -> SambaTensor:
+def rand(
+    *size: Any,
+    name: str | None = None,
+    batch_dim: int | None = None,
+    requires_grad: bool = False,
+    dtype: torch.dtype | None = None,
+    **kwargs: Any,
+) -> SambaTensor:
     """`torch.rand` returning a named SambaTensor."""
     return _wrap(torch.rand(*_size(size), dtype=dtype, **kwargs), name, batch_dim, requires_grad)
 
 
-def zeros(*size: Any, name: str | None = None, batch_dim: int | None = None,
-          requires_grad: bool = False, dtype: torch.dtype | None = None, **kwargs: Any) -> SambaTensor:
+def zeros(
+    *size: Any,
+    name: str | None = None,
+    batch_dim: int | None = None,
+    requires_grad: bool = False,
+    dtype: torch.dtype | None = None,
+    **kwargs: Any,
+) -> SambaTensor:
     """`torch.zeros` returning a named SambaTensor."""
     return _wrap(torch.zeros(*_size(size), dtype=dtype, **kwargs), name, batch_dim, requires_grad)
 
 
-def ones(*size: Any, name: str | None = None, batch_dim: int | None = None,
-         requires_grad: bool = False, dtype: torch.dtype | None = None, **kwargs: Any) -> SambaTensor:
+def ones(
+    *size: Any,
+    name: str | None = None,
+    batch_dim: int | None = None,
+    requires_grad: bool = False,
+    dtype: torch.dtype | None = None,
+    **kwargs: Any,
+) -> SambaTensor:
     """`torch.ones` returning a named SambaTensor."""
     return _wrap(torch.ones(*_size(size), dtype=dtype, **kwargs), name, batch_dim, requires_grad)
 
 
-def randint(*args: Any, name: str | None = None, batch_dim: int | None = None,
-            dtype: torch.dtype | None = None, **kwargs: Any) -> SambaTensor:
+def randint(
+    *args: Any,
+    name: str | None = None,
+    batch_dim: int | None = None,
+    dtype: torch.dtype | None = None,
+    **kwargs: Any,
+) -> SambaTensor:
     """`torch.randint(high, size)` or `torch.randint(low, high, size)` as a named SambaTensor."""
     data = torch.randint(*args, dtype=dtype or torch.int64, **kwargs)
     return _wrap(data, name, batch_dim, False)
 
 
-def randn_like(tensor: torch.Tensor, name: str | None = None, batch_dim: int | None = None,
-               requires_grad: bool = False, **kwargs: Any) -> SambaTensor:
+def randn_like(
+    tensor: torch.Tensor,
+    name: str | None = None,
+    batch_dim: int | None = None,
+    requires_grad: bool = False,
+    **kwargs: Any,
+) -> SambaTensor:
     """`torch.randn_like`; the result keeps `tensor`'s batch_dim unless one is given."""
     if batch_dim is None:
         batch_dim = getattr(tensor, "batch_dim", None)
     return _wrap(torch.randn_like(_plain(tensor), **kwargs), name, batch_dim, requires_grad)
 
 
-def normal(mean: Any = 0.0, std: Any = 1.0, size: Any = None, *, name: str | None = None,
-           batch_dim: int | None = None, requires_grad: bool = False, **kwargs: Any) -> SambaTensor:
+def normal(
+    mean: Any = 0.0,
+    std: Any = 1.0,
+    size: Any = None,
+    *,
+    name: str | None = None,
+    batch_dim: int | None = None,
+    requires_grad: bool = False,
+    **kwargs: Any,
+) -> SambaTensor:
     """`torch.normal` (any of its overloads) as a named SambaTensor."""
     if size is None:
         data = torch.normal(_plain(mean), _plain(std), **kwargs)
@@ -68,8 +110,12 @@ def normal(mean: Any = 0.0, std: Any = 1.0, size: Any = None, *, name: str | Non
     return _wrap(data, name, batch_dim, requires_grad)
 
 
-def from_torch_tensor(tensor: torch.Tensor, name: str | None = None, batch_dim: int | None = None,
-                      requires_grad: bool | None = None) -> SambaTensor:
+def from_torch_tensor(
+    tensor: torch.Tensor,
+    name: str | None = None,
+    batch_dim: int | None = None,
+    requires_grad: bool | None = None,
+) -> SambaTensor:
     """Wrap a torch tensor as a SambaTensor that shares its memory."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"from_torch_tensor expects a torch.Tensor, got {type(tensor).__name__}")

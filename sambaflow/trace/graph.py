@@ -10,7 +10,13 @@ from torch import fx
 #: roles of graph inputs
 INPUT, PARAM, BUFFER, STATE, HYPER, OUTPUT_GRAD = "input", "param", "buffer", "state", "hyper", "output_grad"
 #: roles of graph outputs
-OUTPUT, GRAD, INPUT_GRAD, PARAM_UPDATE, STATE_UPDATE = "output", "grad", "input_grad", "param_update", "state_update"
+OUTPUT, GRAD, INPUT_GRAD, PARAM_UPDATE, STATE_UPDATE = (
+    "output",
+    "grad",
+    "input_grad",
+    "param_update",
+    "state_update",
+)
 
 SECTION_ORDER = ("fwd", "bckwd", "gradnorm", "opt")
 

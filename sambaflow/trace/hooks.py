@@ -52,8 +52,10 @@ def watching_modules(model: nn.Module) -> Iterator[ModuleWatch]:
     """Track module paths (`a.b`) while `model` runs, through global module hooks."""
     paths = {id(m): path for path, m in model.named_modules(remove_duplicate=False) if path}
     watch = ModuleWatch(paths)
-    handles = [nn.modules.module.register_module_forward_pre_hook(watch.pre),
-               nn.modules.module.register_module_forward_hook(watch.post)]
+    handles = [
+        nn.modules.module.register_module_forward_pre_hook(watch.pre),
+        nn.modules.module.register_module_forward_hook(watch.post),
+    ]
     try:
         yield watch
     finally:
@@ -88,8 +90,9 @@ class DropoutAsInput(TorchFunctionMode):
         return site
 
 
-def _dropout_arguments(input: torch.Tensor, p: float = 0.5, training: bool = True,
-                       inplace: bool = False) -> dict[str, Any]:
+def _dropout_arguments(
+    input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False
+) -> dict[str, Any]:
     return {"input": input, "p": p, "training": training}
 
 

@@ -62,14 +62,21 @@ class StepPlan:
         return key if index == 0 else f"{key}__{index}"
 
     def hyper_defaults(self) -> dict[str, float]:
-        return {self.hyper_name(k, i): v for i, opt in enumerate(self.optimizers) for k, v in opt.hyper.items()}
+        return {
+            self.hyper_name(k, i): v for i, opt in enumerate(self.optimizers) for k, v in opt.hyper.items()
+        }
 
     def updated_params(self) -> list[str]:
         return [n for names in self.owned for n in names if n not in self.unused]
 
     def updated_states(self) -> list[str]:
-        return [f"{n}__{k}" for i, names in enumerate(self.owned) for n in names if n not in self.unused
-                for k in self.optimizers[i].state_names]
+        return [
+            f"{n}__{k}"
+            for i, names in enumerate(self.owned)
+            for n in names
+            if n not in self.unused
+            for k in self.optimizers[i].state_names
+        ]
 
     def baked(self) -> list[str]:
         """Settings fixed at trace time (not run-time inputs), for the compile report."""
@@ -102,8 +109,9 @@ class StepPlan:
         return new_params + new_states
 
 
-def make_plan(model: nn.Module, inputs: Sequence[torch.Tensor],
-              optimizers: Sequence[SambaOptimizer], backward: bool) -> StepPlan:
+def make_plan(
+    model: nn.Module, inputs: Sequence[torch.Tensor], optimizers: Sequence[SambaOptimizer], backward: bool
+) -> StepPlan:
     if not isinstance(model, nn.Module):
         raise SambaTraceError(f"trace_graph expects an nn.Module as model, got {type(model).__name__}")
     params, paths = _named_parameters(model)
@@ -122,7 +130,8 @@ def _named_parameters(model: nn.Module) -> tuple[list[tuple[str, torch.Tensor]],
         if getattr(param, "sn_name", None) is None:
             raise SambaTraceError(
                 f"parameter '{path}' of {type(model).__name__} is a plain torch parameter. Call "
-                "samba.from_torch_model_(model) before tracing (and before building the optimizer).")
+                "samba.from_torch_model_(model) before tracing (and before building the optimizer)."
+            )
         paths[param.sn_name] = path
         params.append((param.sn_name, param.torch().detach().requires_grad_(param.requires_grad)))
     return params, paths
@@ -137,7 +146,8 @@ def _named_inputs(inputs: Sequence[torch.Tensor]) -> list[tuple[str, torch.Tenso
         if not isinstance(value, torch.Tensor) or name is None:
             raise SambaTraceError(
                 f"input {i} ({type(value).__name__}) has no name: create inputs with "
-                "samba.randn(..., name='x', batch_dim=0) or samba.from_torch_tensor(t, name='x')")
+                "samba.randn(..., name='x', batch_dim=0) or samba.from_torch_tensor(t, name='x')"
+            )
         if any(n == name for n, _ in named):
             raise SambaTraceError(f"two inputs are named '{name}': input names must be unique")
         plain = value.as_subclass(torch.Tensor).detach().requires_grad_(value.requires_grad)
@@ -153,11 +163,16 @@ def _check_optimizers(optimizers: Sequence[SambaOptimizer], params: list[tuple[s
         if not isinstance(opt, SambaOptimizer):
             raise SambaTraceError(
                 f"optimizer {i} is a {type(opt).__name__}; use samba.optim.SGD or samba.optim.AdamW "
-                "(torch.optim optimizers cannot be traced into the graph)")
+                "(torch.optim optimizers cannot be traced into the graph)"
+            )
         for p in opt.params:
             if p.sn_name not in known:
-                raise SambaTraceError(f"optimizer {i} updates '{p.sn_name}', which is not a parameter of the model")
+                raise SambaTraceError(
+                    f"optimizer {i} updates '{p.sn_name}', which is not a parameter of the model"
+                )
             if p.sn_name in seen:
-                raise SambaTraceError(f"parameter '{p.sn_name}' is in optimizers {seen[p.sn_name]} and {i}: "
-                                      "parameter sets must be disjoint")
+                raise SambaTraceError(
+                    f"parameter '{p.sn_name}' is in optimizers {seen[p.sn_name]} and {i}: "
+                    "parameter sets must be disjoint"
+                )
             seen[p.sn_name] = i

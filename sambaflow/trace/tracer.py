@@ -15,16 +15,27 @@ from typing import Any, Sequence
 import torch
 from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.experimental.proxy_tensor import get_proxy_mode, make_fx
 from torch.func import functional_call
+from torch.fx.experimental.proxy_tensor import get_proxy_mode, make_fx
 from torch.utils import _pytree as pytree
 
 from sambaflow.errors import SambaTraceError
 from sambaflow.optim.base import SambaOptimizer
 from sambaflow.tensors.model import samba_name
 from sambaflow.trace.graph import (
-    BUFFER, GRAD, HYPER, INPUT, INPUT_GRAD, OUTPUT, OUTPUT_GRAD, PARAM, PARAM_UPDATE,
-    STATE, STATE_UPDATE, TensorSpec, TracedGraph,
+    BUFFER,
+    GRAD,
+    HYPER,
+    INPUT,
+    INPUT_GRAD,
+    OUTPUT,
+    OUTPUT_GRAD,
+    PARAM,
+    PARAM_UPDATE,
+    STATE,
+    STATE_UPDATE,
+    TensorSpec,
+    TracedGraph,
 )
 from sambaflow.trace.hooks import DropoutAsInput, DropoutSite, watching_modules
 from sambaflow.trace.locate import trace_error
@@ -40,9 +51,14 @@ class ForwardProbe:
     dropout_sites: list[DropoutSite]
 
 
-def trace_step(model: nn.Module, inputs: Sequence[torch.Tensor],
-               optimizers: Sequence[SambaOptimizer], *, loss_indices: Sequence[int] | None = None,
-               backward: bool = True) -> TracedGraph:
+def trace_step(
+    model: nn.Module,
+    inputs: Sequence[torch.Tensor],
+    optimizers: Sequence[SambaOptimizer],
+    *,
+    loss_indices: Sequence[int] | None = None,
+    backward: bool = True,
+) -> TracedGraph:
     """Trace one whole step of `model` on `inputs`; forward only when `backward` is False."""
     plan = make_plan(model, inputs, optimizers, backward)
     probe = _probe_forward(model, plan)
@@ -59,6 +75,7 @@ def trace_step(model: nn.Module, inputs: Sequence[torch.Tensor],
         raise trace_error(exc, type(model).__name__) from None
     outputs = _output_specs(plan, probe, module)
     sections = _tag_sections(module, marks, plan)
+    _drop_detaches(module.graph)
     module.graph.eliminate_dead_code()
     module.recompile()
     defaults = {s.name: s.p for s in probe.dropout_sites} | plan.hyper_defaults()
@@ -84,7 +101,8 @@ def _flatten_outputs(result: Any, model: nn.Module) -> list[torch.Tensor]:
     if not leaves or not all(isinstance(v, torch.Tensor) for v in leaves):
         raise SambaTraceError(
             f"{type(model).__name__}.forward must return a tensor or a tuple/list of tensors; got "
-            f"{type(result).__name__}. Return only tensors from forward().")
+            f"{type(result).__name__}. Return only tensors from forward()."
+        )
     return leaves
 
 
@@ -99,10 +117,14 @@ def _output_names(outputs: list[torch.Tensor], watch: Any, model: nn.Module) -> 
 
 def _loss_names(probe: ForwardProbe, loss_indices: Sequence[int] | None) -> list[str]:
     if loss_indices is None:
-        return [n for n, v in zip(probe.output_names, probe.outputs) if v.dim() == 0 and v.is_floating_point()]
+        return [
+            n for n, v in zip(probe.output_names, probe.outputs) if v.dim() == 0 and v.is_floating_point()
+        ]
     bad = [i for i in loss_indices if not 0 <= i < len(probe.outputs)]
     if bad:
-        raise SambaTraceError(f"loss_indices {bad} out of range: forward returns {len(probe.outputs)} outputs")
+        raise SambaTraceError(
+            f"loss_indices {bad} out of range: forward returns {len(probe.outputs)} outputs"
+        )
     return [probe.output_names[i] for i in loss_indices]
 
 
@@ -119,8 +141,10 @@ def _input_specs(plan: StepPlan, probe: ForwardProbe, backward: bool) -> list[Te
     hypers = [s.name for s in probe.dropout_sites] + (list(plan.hyper_defaults()) if backward else [])
     specs += [TensorSpec.of(n, HYPER, scalar) for n in dict.fromkeys(hypers)]
     if backward:
-        specs += [TensorSpec.of(f"{probe.output_names[i]}__grad", OUTPUT_GRAD, probe.outputs[i])
-                  for i in _differentiable(probe)]
+        specs += [
+            TensorSpec.of(f"{probe.output_names[i]}__grad", OUTPUT_GRAD, probe.outputs[i])
+            for i in _differentiable(probe)
+        ]
     return specs
 
 
@@ -131,8 +155,9 @@ def _example(plan: StepPlan, spec: TensorSpec) -> torch.Tensor:
     return value.detach().requires_grad_(spec.role in (PARAM, INPUT) and plan.wants_grad(spec.name))
 
 
-def _step_function(model: nn.Module, plan: StepPlan, probe: ForwardProbe,
-                   specs: list[TensorSpec], marks: list[int]) -> Any:
+def _step_function(
+    model: nn.Module, plan: StepPlan, probe: ForwardProbe, specs: list[TensorSpec], marks: list[int]
+) -> Any:
     def step(*flat: torch.Tensor) -> list[torch.Tensor]:
         named = {spec.name: value for spec, value in zip(specs, flat)}
         state = {plan.paths[n]: named[n] for n, _ in plan.params + plan.buffers}
@@ -151,8 +176,13 @@ def _node_count() -> int:
     return len(get_proxy_mode().tracer.graph.nodes)
 
 
-def _backward_and_update(plan: StepPlan, probe: ForwardProbe, named: dict[str, torch.Tensor],
-                         outputs: list[torch.Tensor], marks: list[int]) -> list[torch.Tensor]:
+def _backward_and_update(
+    plan: StepPlan,
+    probe: ForwardProbe,
+    named: dict[str, torch.Tensor],
+    outputs: list[torch.Tensor],
+    marks: list[int],
+) -> list[torch.Tensor]:
     diff = _differentiable(probe)
     wrt = [named[n] for n in plan.grad_names()]
     seeds = [named[f"{probe.output_names[i]}__grad"] for i in diff]
@@ -180,6 +210,14 @@ def _output_specs(plan: StepPlan, probe: ForwardProbe, module: fx.GraphModule) -
     if len(output_node.args[0]) != len(specs):
         raise SambaTraceError(f"internal: traced {len(output_node.args[0])} outputs, expected {len(specs)}")
     return specs
+
+
+def _drop_detaches(graph: fx.Graph) -> None:
+    """`detach` only matters to autograd; the traced step runs without it."""
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is torch.ops.aten.detach.default:
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
 
 
 def _tag_sections(module: fx.GraphModule, marks: list[int], plan: StepPlan) -> list[str]:

@@ -1,0 +1,18 @@
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_session():
+    """Each test starts with no graph loaded and a fixed seed."""
+    from sambaflow import samba
+
+    samba.session.reset()
+    torch.manual_seed(0)
+    yield
+    samba.session.reset()

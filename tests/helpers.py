@@ -1,0 +1,76 @@
+"""Shared test helpers: train a model through session.run and through eager PyTorch side by side."""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+
+from sambaflow import samba
+from sambaflow.samba import utils
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual = torch.as_tensor(actual).detach().double()
+    expected = torch.as_tensor(expected).detach().double()
+    return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
+
+
+def named_inputs(names: list[str], tensors: list[torch.Tensor]) -> list[samba.SambaTensor]:
+    return [samba.from_torch_tensor(t, name=n, batch_dim=0) for n, t in zip(names, tensors)]
+
+
+def make_pair(model_fn: Callable[[], torch.nn.Module]) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(eager reference, converted copy) with identical weights."""
+    reference = model_fn()
+    model = copy.deepcopy(reference)
+    samba.from_torch_model_(model)
+    return reference, model
+
+
+def train_side_by_side(
+    model_fn,
+    batch_fn,
+    samba_optim_fn,
+    torch_optim_fn,
+    *,
+    steps=20,
+    names=("x", "y"),
+    clip=None,
+    hyper_for_step=None,
+    backend="reference",
+    tol=1e-5,
+):
+    """Train both ways for `steps` fresh random batches; assert losses, outputs, params agree."""
+    reference, model = make_pair(model_fn)
+    optim = samba_optim_fn(model)
+    outs = utils.trace_graph(model, named_inputs(list(names), batch_fn()), optim, backend=backend)
+    torch_optims = torch_optim_fn(reference)
+    torch_optims = torch_optims if isinstance(torch_optims, list) else [torch_optims]
+    for step in range(steps):
+        batch = batch_fn()
+        hyper = hyper_for_step(step) if hyper_for_step else None
+        results = samba.session.run(named_inputs(list(names), batch), outs, hyperparam_dict=hyper)
+        expected = _eager_step(reference, batch, torch_optims, clip, hyper)
+        for got, want in zip(results, expected):
+            assert rel_err(got, want) < tol, f"step {step}: output differs by {rel_err(got, want):.2e}"
+    samba.session.to_cpu(model)
+    for (name, got), want in zip(model.named_parameters(), reference.parameters()):
+        assert rel_err(got, want) < tol, f"{name} differs by {rel_err(got, want):.2e}"
+    return model, reference
+
+
+def _eager_step(model, batch, optims, clip, hyper):
+    for opt in optims:
+        if hyper and "lr" in hyper:
+            for group in opt.param_groups:
+                group["lr"] = hyper["lr"]
+        opt.zero_grad()
+    outputs = model(*batch)
+    outputs[0].backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    for opt in optims:
+        opt.step()
+    return [o.detach() for o in outputs]

@@ -1,0 +1,291 @@
+"""20 steps through session.run equal 20 eager PyTorch steps (fp32, reference backend)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from sambaflow import samba
+from sambaflow.samba import utils
+
+from helpers import make_pair, named_inputs, rel_err, train_side_by_side
+from models import DropoutMLP, DropoutProbe, LeNet, Logits, LogReg, ResFFNLogReg
+
+BATCH = 16
+
+
+def mnist_like(features=784):
+    return lambda: [torch.randn(BATCH, features), torch.randint(10, (BATCH,))]
+
+
+def images():
+    return [torch.randn(BATCH, 1, 28, 28), torch.randint(10, (BATCH,))]
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_resffn_sgd_momentum_weight_decay(nesterov):
+    train_side_by_side(
+        lambda: ResFFNLogReg(784, 64, 10),
+        mnist_like(),
+        lambda m: samba.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=nesterov),
+        lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=nesterov),
+    )
+
+
+def test_sgd_with_dampening():
+    train_side_by_side(
+        lambda: LogReg(64, 10),
+        mnist_like(64),
+        lambda m: samba.optim.SGD(m.parameters(), lr=0.2, momentum=0.8, dampening=0.3),
+        lambda m: torch.optim.SGD(m.parameters(), lr=0.2, momentum=0.8, dampening=0.3),
+        steps=5,
+    )
+
+
+def test_logistic_regression_plain_sgd():
+    train_side_by_side(
+        lambda: LogReg(784, 10),
+        mnist_like(),
+        lambda m: samba.optim.SGD(m.parameters(), lr=0.05),
+        lambda m: torch.optim.SGD(m.parameters(), lr=0.05),
+    )
+
+
+def test_lenet_sgd():
+    train_side_by_side(
+        LeNet,
+        images,
+        lambda m: samba.optim.SGD(m.parameters(), lr=0.05, momentum=0.9),
+        lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9),
+    )
+
+
+def test_dropout_mlp_with_p_zero_matches_eager():
+    def eager_without_dropout(m):
+        m.drop.p = 0.0
+        return torch.optim.SGD(m.parameters(), lr=0.1)
+
+    train_side_by_side(
+        DropoutMLP,
+        mnist_like(64),
+        lambda m: samba.optim.SGD(m.parameters(), lr=0.1),
+        eager_without_dropout,
+        hyper_for_step=lambda step: {"p": 0.0},
+    )
+
+
+@pytest.mark.parametrize("p", [0.2, 0.7])
+def test_dropout_rate_follows_hyperparam(p):
+    model = DropoutProbe()
+    samba.from_torch_model_(model)
+    with torch.no_grad():
+        model.scale.weight.fill_(1.0)
+    x = samba.rand(64, 784, name="x", batch_dim=0)
+    x.data.add_(0.5)  # no exact zeros in the input
+    outs = utils.trace_graph(model, [x], samba.optim.SGD(model.parameters(), lr=0.0))
+    _, dropped = samba.session.run([x], outs, hyperparam_dict={"p": p}, section_types=["fwd"])
+    zero_fraction = float((dropped == 0).float().mean())
+    assert abs(zero_fraction - p) < 0.02
+    kept = dropped[dropped != 0]
+    assert torch.allclose(kept, (x.torch()[dropped != 0]) / (1 - p), rtol=1e-6)
+
+
+def test_adamw_sambaflow_default_betas():
+    train_side_by_side(
+        lambda: ResFFNLogReg(64, 32, 10),
+        mnist_like(64),
+        lambda m: samba.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.01),
+        lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2, betas=(0.9, 0.997), weight_decay=0.01),
+    )
+
+
+def test_adamw_amsgrad():
+    train_side_by_side(
+        lambda: LogReg(64, 10),
+        mnist_like(64),
+        lambda m: samba.optim.AdamW(m.parameters(), lr=1e-2, amsgrad=True),
+        lambda m: torch.optim.AdamW(
+            m.parameters(), lr=1e-2, betas=(0.9, 0.997), weight_decay=0.0, amsgrad=True
+        ),
+        steps=8,
+    )
+
+
+def test_adamw_with_gradient_clipping_is_active_and_matches():
+    max_norm = 0.05
+    reference, _ = make_pair(lambda: ResFFNLogReg(64, 32, 10))
+    loss, _ = reference(torch.randn(BATCH, 64), torch.randint(10, (BATCH,)))
+    loss.backward()
+    assert torch.nn.utils.clip_grad_norm_(reference.parameters(), 1e9) > max_norm  # clipping will bite
+    model, _ = train_side_by_side(
+        lambda: ResFFNLogReg(64, 32, 10),
+        mnist_like(64),
+        lambda m: samba.optim.AdamW(m.parameters(), lr=1e-2, max_grad_norm=max_norm),
+        lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2, betas=(0.9, 0.997), weight_decay=0.0),
+        clip=max_norm,
+    )
+    assert samba.session.executable.sections == ["fwd", "bckwd", "gradnorm", "opt"]
+
+
+def test_two_optimizers_over_two_parameter_groups():
+    def samba_optims(m):
+        first = [m.gemm1.weight, m.gemm1.bias, m.norm1.weight, m.norm1.bias]
+        rest = [p for p in m.parameters() if all(p is not q for q in first)]
+        return [samba.optim.SGD(first, lr=0.1, momentum=0.9), samba.optim.AdamW(rest, lr=1e-2)]
+
+    def torch_optims(m):
+        first = [m.gemm1.weight, m.gemm1.bias, m.norm1.weight, m.norm1.bias]
+        rest = [p for p in m.parameters() if all(p is not q for q in first)]
+        return [
+            torch.optim.SGD(first, lr=0.1, momentum=0.9),
+            torch.optim.AdamW(rest, lr=1e-2, betas=(0.9, 0.997), weight_decay=0.0),
+        ]
+
+    train_side_by_side(lambda: ResFFNLogReg(64, 32, 10), mnist_like(64), samba_optims, torch_optims)
+
+
+def test_lr_schedule_through_hyperparam_dict_traces_once():
+    traces_before = samba.session.trace_count
+    train_side_by_side(
+        lambda: ResFFNLogReg(64, 32, 10),
+        mnist_like(64),
+        lambda m: samba.optim.SGD(m.parameters(), lr=0.0, momentum=0.9, weight_decay=1e-4),
+        lambda m: torch.optim.SGD(m.parameters(), lr=0.0, momentum=0.9, weight_decay=1e-4),
+        hyper_for_step=lambda step: {"lr": 0.2 * 0.8**step, "weight_decay": 1e-4},
+    )
+    assert samba.session.trace_count == traces_before + 1
+
+
+def test_split_sections_equal_one_full_run():
+    batches = [mnist_like(64)() for _ in range(4)]
+    full_model, split_model = [make_pair(lambda: ResFFNLogReg(64, 32, 10))[1] for _ in range(2)]
+    split_model.load_state_dict(full_model.state_dict())
+    results = {}
+    for label, model, sections in (
+        ("full", full_model, None),
+        ("split", split_model, [["fwd"], ["bckwd", "opt"]]),
+    ):
+        optim = samba.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+        outs = utils.trace_graph(model, named_inputs(["x", "y"], batches[0]), optim)
+        losses = []
+        for batch in batches:
+            inputs = named_inputs(["x", "y"], batch)
+            if sections is None:
+                losses.append(samba.session.run(inputs, outs)[0].torch().clone())
+            else:
+                losses.append(samba.session.run(inputs, outs, section_types=sections[0])[0].torch().clone())
+                samba.session.run(inputs, outs, section_types=sections[1])
+        samba.session.to_cpu(model)
+        results[label] = (losses, [p.detach().clone() for p in model.parameters()])
+    for a, b in zip(results["full"][0] + results["full"][1], results["split"][0] + results["split"][1]):
+        assert rel_err(a, b) < 1e-6
+
+
+def test_host_loss_flow_matches_eager_training():
+    reference, model = make_pair(Logits)
+    criterion = torch.nn.CrossEntropyLoss()
+    optim = samba.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    torch_optim = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    x = samba.randn(BATCH, 64, name="x", batch_dim=0)
+    traced_outputs = utils.trace_graph(model, [x], optim)
+    for _ in range(10):
+        data, targets = torch.randn(BATCH, 64), torch.randint(10, (BATCH,))
+        inputs = [samba.from_torch_tensor(data, name="x", batch_dim=0)]
+        partial_output = samba.session.run(
+            input_tensors=inputs, output_tensors=traced_outputs, section_types=["fwd"]
+        )[0]
+        partial_output = samba.to_torch(partial_output)
+        partial_output.requires_grad = True
+        loss = criterion(partial_output, targets)
+        loss.backward()
+        samba.session.run(
+            input_tensors=inputs,
+            output_tensors=traced_outputs,
+            grad_of_outputs=(samba.from_torch_tensor(partial_output.grad),),
+            section_types=["bckwd", "opt"],
+        )
+        torch_optim.zero_grad()
+        criterion(reference(data), targets).backward()
+        assert rel_err(model.fc1.weight.sn_grad, reference.fc1.weight.grad) < 1e-5
+        torch_optim.step()
+    samba.session.to_cpu(model)
+    for got, want in zip(model.parameters(), reference.parameters()):
+        assert rel_err(got, want) < 1e-5
+
+
+def test_sn_grad_seed_set_on_output():
+    reference, model = make_pair(Logits)
+    x = samba.randn(BATCH, 64, name="x", batch_dim=0, requires_grad=True)
+    outs = utils.trace_graph(model, [x], samba.optim.SGD(model.parameters(), lr=0.0))
+    seed = torch.randn(BATCH, 10)
+    outs[0].sn_grad = seed
+    samba.session.run([x], outs, section_types=["fwd", "bckwd"])
+    xr = x.torch().detach().clone().requires_grad_()
+    reference(xr).backward(seed)
+    assert rel_err(model.fc2.weight.sn_grad, reference.fc2.weight.grad) < 1e-5
+    assert rel_err(x.sn_grad, xr.grad) < 1e-5
+
+
+def test_default_step_gradients_equal_loss_backward():
+    """Loss outputs start backward from one, logits from zero: as eager loss.backward()."""
+    reference, model = make_pair(lambda: ResFFNLogReg(64, 32, 10))
+    batch = mnist_like(64)()
+    outs = utils.trace_graph(
+        model, named_inputs(["x", "y"], batch), samba.optim.SGD(model.parameters(), lr=0.0)
+    )
+    samba.session.run(named_inputs(["x", "y"], batch), outs)
+    reference(*batch)[0].backward()
+    for got, want in zip(model.parameters(), reference.parameters()):
+        assert rel_err(got.sn_grad, want.grad) < 1e-5
+
+
+def test_host_model_unchanged_until_to_cpu():
+    _, model = make_pair(lambda: ResFFNLogReg(64, 32, 10))
+    before = copy.deepcopy(model.state_dict())
+    outs = utils.trace_graph(
+        model, named_inputs(["x", "y"], mnist_like(64)()), samba.optim.SGD(model.parameters(), lr=0.5)
+    )
+    for _ in range(3):
+        samba.session.run(named_inputs(["x", "y"], mnist_like(64)()), outs)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), f"{name} changed before to_cpu"
+    samba.session.to_cpu(model)
+    device = samba.session.get_tensors_by_name([p.sn_name for p in model.parameters()])
+    changed = 0
+    for param, on_device in zip(model.parameters(), device):
+        assert torch.equal(param.detach(), on_device.torch())
+        changed += not torch.equal(param.detach(), before[[k for k in before][0]]) if False else 0
+    assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    loss, _ = model(*mnist_like(64)())  # the host model still runs in plain eager PyTorch
+    assert torch.isfinite(loss)
+
+
+def test_inference_trace_is_forward_only():
+    reference, model = make_pair(lambda: ResFFNLogReg(64, 32, 10))
+    batch = mnist_like(64)()
+    outs = utils.trace_graph(model, named_inputs(["x", "y"], batch), None, init_output_grads=False)
+    graph = samba.session.executable.graph
+    assert graph.sections == ["fwd"]
+    assert all(s.role in ("input", "param", "buffer") for s in graph.inputs)
+    loss, out = samba.session.run(named_inputs(["x", "y"], batch), outs)
+    want_loss, want_out = reference(*batch)
+    assert rel_err(loss, want_loss) < 1e-5 and rel_err(out, want_out) < 1e-5
+
+
+def test_optimizer_state_dict_round_trip_in_torch_format():
+    reference, model = make_pair(lambda: ResFFNLogReg(64, 32, 10))
+    optim = samba.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    outs = utils.trace_graph(model, named_inputs(["x", "y"], mnist_like(64)()), optim)
+    for _ in range(3):
+        samba.session.run(named_inputs(["x", "y"], mnist_like(64)()), outs, hyperparam_dict={"lr": 0.05})
+    samba.session.to_cpu(model, optim)
+    state = optim.state_dict()
+    torch_optim = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    torch_optim.load_state_dict(state)  # torch accepts our format
+    assert state["param_groups"][0]["lr"] == pytest.approx(0.05)
+    fresh = samba.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    fresh.load_state_dict(torch_optim.state_dict())
+    for i in range(len(fresh.params)):
+        assert torch.equal(fresh.state_of(i)["momentum_buffer"], optim.state_of(i)["momentum_buffer"])
