@@ -1,4 +1,4 @@
-"""`trace_graph`: trace (or load) a model's step and make it the session's current graph."""
+"""`trace_graph`: trace a model's step (and check it against a PEF) and load it into the session."""
 
 from __future__ import annotations
 
@@ -7,11 +7,16 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from sambaflow.errors import SambaTraceError
+from sambaflow.backends.base import get_backend
+from sambaflow.errors import SambaPefError
 from sambaflow.optim.base import SambaOptimizer
+from sambaflow.pef.check import check_matches
+from sambaflow.pef.file import PefFile
+from sambaflow.pef.manifest import graph_from_entry
 from sambaflow.runtime.executable import Executable
 from sambaflow.runtime.session import session
 from sambaflow.tensors.sambatensor import SambaTensor
+from sambaflow.trace.graph import TracedGraph
 from sambaflow.trace.tracer import trace_step
 
 
@@ -23,29 +28,46 @@ def optimizer_list(optim: SambaOptimizer | Sequence[SambaOptimizer] | None) -> l
     return [optim]
 
 
-def trace_graph(
-    model: nn.Module,
-    inputs: Sequence[torch.Tensor],
-    optim: Any = None,
-    init_output_grads: bool = True,
-    loss_indices: Sequence[int] | None = None,
-    pef: str | None = "",
-    mapping: str = "section",
-    data_parallel_mode: str = "normal",
-    transfer_device: bool = True,
-    backend: str = "reference",
-    **_: Any,
-) -> list[SambaTensor]:
+def trace_graph(model: nn.Module, inputs: Sequence[torch.Tensor], optim: Any = None,
+                init_output_grads: bool = True, loss_indices: Sequence[int] | None = None,
+                pef: str | None = "", mapping: str = "section", data_parallel_mode: str = "normal",
+                transfer_device: bool = True, backend: str = "reference", **_: Any) -> list[SambaTensor]:
     """Trace `model` (forward, backward and `optim`'s update) and load it into the session.
 
-    With no optimizer the graph is forward-only (inference). Returns the graph's outputs, also
-    stored as `model.output_tensors`.
+    With `pef`, the traced graph is checked against the PEF and the PEF's compiled programs run;
+    otherwise the step is compiled here with `backend`. With no optimizer the graph is
+    forward-only. Returns the graph's outputs, also stored as `model.output_tensors`.
     """
     optimizers = optimizer_list(optim)
-    if pef:
-        raise SambaTraceError(f"trace_graph(pef={pef!r}): loading PEF files is not available yet")
-    graph = trace_step(model, inputs, optimizers, loss_indices=loss_indices, backward=bool(optimizers))
+    traced = trace_step(model, inputs, optimizers, loss_indices=loss_indices, backward=bool(optimizers))
     session.trace_count += 1
-    outputs = session.load(Executable.build(graph, backend), model, optimizers, init_output_grads)
+    executable = _from_pef(pef, traced, bool(optimizers)) if pef else Executable.build(traced, backend)
+    outputs = session.load(executable, model, optimizers, init_output_grads)
     model.output_tensors = outputs
     return outputs
+
+
+def _from_pef(path: str, traced: TracedGraph, training: bool) -> Executable:
+    pef = PefFile(path)
+    kind = "train" if training else "inference"
+    if kind not in pef.kinds:
+        raise SambaPefError(f"'{path}' was compiled with --inference (forward only) and cannot train: "
+                            "recompile without --inference, or run with --inference and no optimizer")
+    check_matches(traced, pef.entry(kind), path, pef.manifest.get("compile_args", {}))
+    backend = _backend_for(pef, path)
+    programs = {name: pef.program(kind, name) for name in pef.entry(kind)["programs"]}
+    binaries = {name: pef.binary(kind, name) for name in programs}
+    graph = graph_from_entry(pef.entry(kind), programs["step"].module)
+    return Executable.from_binaries(graph, backend, programs, binaries)
+
+
+def _backend_for(pef: PefFile, path: str) -> Any:
+    target = pef.manifest.get("target", {})
+    if target.get("device") == "cuda" and not torch.cuda.is_available():
+        raise SambaPefError(f"'{path}' was compiled for CUDA ({target.get('backend')} backend) and this "
+                            "machine has no usable GPU: run it on a GPU machine or recompile here")
+    produced_by = pef.manifest.get("producer", {}).get("torch")
+    if target.get("backend") != "reference" and produced_by != torch.__version__:
+        raise SambaPefError(f"'{path}' holds {target.get('backend')} binaries built with torch {produced_by}; "
+                            f"this is torch {torch.__version__}: recompile the PEF with this torch")
+    return get_backend(target.get("backend", "reference"))

@@ -12,6 +12,14 @@ from sambaflow.passes.sections import FULL_STEP, SectionProgram, full_step_progr
 from sambaflow.trace.graph import TracedGraph
 
 
+def programs_of(graph: TracedGraph) -> dict[str, SectionProgram]:
+    """The fused step and one program per section (a forward-only graph's step is its fwd)."""
+    step = full_step_program(graph)
+    if graph.sections == ["fwd"]:
+        return {FULL_STEP: step, "fwd": step}
+    return {FULL_STEP: step} | section_programs(graph)
+
+
 @dataclass
 class Executable:
     """What a session runs. Programs are compiled on first use and kept."""
@@ -24,8 +32,22 @@ class Executable:
     @staticmethod
     def build(graph: TracedGraph, backend: str | Backend = "reference") -> Executable:
         chosen = get_backend(backend) if isinstance(backend, str) else backend
-        programs = {FULL_STEP: full_step_program(graph)} | section_programs(graph)
-        return Executable(graph, chosen, programs)
+        return Executable(graph, chosen, programs_of(graph))
+
+    @staticmethod
+    def from_binaries(graph: TracedGraph, backend: Backend, programs: dict[str, SectionProgram],
+                      binaries: dict[str, bytes]) -> Executable:
+        """Programs read from a PEF: load what the backend compiled ahead of time, compile nothing."""
+        compiled = {name: backend.load(program, binaries.get(name, b"")) for name, program in programs.items()}
+        return Executable(graph, backend, programs, compiled)
+
+    def binaries(self) -> dict[str, bytes]:
+        """The backend's ahead-of-time binary of every program (for the PEF)."""
+        by_program: dict[int, bytes] = {}
+        for program in self.programs.values():
+            if id(program) not in by_program:
+                by_program[id(program)] = self.backend.export(program)
+        return {name: by_program[id(program)] for name, program in self.programs.items()}
 
     @property
     def sections(self) -> list[str]:
@@ -33,7 +55,8 @@ class Executable:
 
     def program(self, name: str) -> tuple[SectionProgram, CompiledProgram]:
         if name not in self.compiled:
-            self.compiled[name] = self.backend.compile(self.programs[name])
+            twin = next((n for n, p in self.programs.items() if p is self.programs[name] and n in self.compiled), None)
+            self.compiled[name] = self.compiled[twin] if twin else self.backend.compile(self.programs[name])
         return self.programs[name], self.compiled[name]
 
     def run(self, name: str, store: dict[str, torch.Tensor], into: dict[str, torch.Tensor]) -> None:

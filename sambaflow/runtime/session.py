@@ -66,6 +66,12 @@ class Session:
             torch.ones(spec.shape, dtype=spec.dtype) if is_loss else torch.zeros(spec.shape, dtype=spec.dtype)
         )
 
+    def compile(self, model: nn.Module, inputs: Sequence[torch.Tensor], optimizer: Any, **kwargs: Any) -> str:
+        """Trace and compile into a PEF file; return its path (see `sambaflow.app.compile`)."""
+        from sambaflow.app.compile import compile_pef  # the app layer builds on the runtime
+
+        return compile_pef(model, inputs, optimizer, **kwargs)
+
     # --- host <-> device ------------------------------------------------------------------------
     def to_rdu(self, model: nn.Module, optimizers: Sequence[SambaOptimizer] | None = None) -> None:
         """Copy host weights (and optimizer state and settings) into the device store."""

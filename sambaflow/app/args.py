@@ -1,0 +1,345 @@
+"""Command-line arguments of a SambaFlow app: `parse_app_args`, `parse_yaml_to_args`.
+
+Every sub-command (`compile`, `run`, `test`, `measure-performance`, `measure-sections`) gets every
+standard argument. App hooks add their own; an app may redefine a standard option (say its own
+`-b/--batch-size`) and its definition, default included, wins instead of raising a conflict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import yaml
+
+from sambaflow.errors import SambaArgumentError
+
+COMMAND_HELP = {
+    "compile": "trace the model, loss and optimizer into one graph and write a PEF",
+    "run": "run the app's training or inference loop on a compiled PEF",
+    "test": "compare the compiled graph against plain PyTorch on the CPU",
+    "measure-performance": "time repeated whole-step runs",
+    "measure-sections": "time each section of the graph",
+}
+COMMANDS = tuple(COMMAND_HELP)
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+BACKENDS = ("reference", "inductor")
+
+ParserHook = Callable[[argparse.ArgumentParser], Any]
+
+# Arguments this project accepts (so real apps and scripts run unchanged) but does not act on yet.
+# dest -> (option as the user writes it, standard default, why it has no effect). Shrink this as
+# features land; `ineffective_arguments` reads nothing else.
+INEFFECTIVE_ARGUMENTS: dict[str, tuple[str, Any, str]] = {
+    "n_chips": ("--n-chips", 1, "device resources are not modelled"),
+    "num_tiles": ("--num-tiles", 4, "device resources are not modelled"),
+    "o0": ("--o0", False, "there are no RDU compiler optimisation levels"),
+    "o1": ("--o1", False, "there are no RDU compiler optimisation levels"),
+    "mapping": ("--mapping", "section", "only section mapping is implemented"),
+    "reduce_on_rdu": ("--reduce-on-rdu", False, "gradients are all-reduced by torch.distributed"),
+    "grad_accumulation_steps": ("--grad-accumulation-steps", 1, "gradient accumulation is not implemented"),
+    "microbatch_size": ("-mb/--microbatch-size", None, "micro-batching is not implemented"),
+    "data_parallel": ("--data-parallel", False, "data-parallel compilation is not implemented"),
+    "world_size": ("-ws/--world-size", 1, "data-parallel compilation is not implemented"),
+}
+
+
+# ---------------------------------------------------------------------------- value types
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a float >= 0 (seconds)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
+    return value
+
+
+def _lower(text: str) -> str:
+    return text.lower()
+
+
+def _env_local_rank() -> int:
+    """LOCAL_RANK from the environment (set by torchrun), else -1."""
+    text = os.environ.get("LOCAL_RANK", "").strip()
+    if not text:
+        return -1
+    try:
+        return int(text)
+    except ValueError:
+        raise SambaArgumentError(
+            f"environment variable LOCAL_RANK={text!r} is not an integer: unset it or let torchrun set it"
+        ) from None
+
+
+# ---------------------------------------------------------------------------- standard arguments
+
+
+def _add(group: Any, *flags: str, **kwargs: Any) -> None:
+    """add_argument, marking the help of arguments listed in INEFFECTIVE_ARGUMENTS."""
+    action = group.add_argument(*flags, **kwargs)
+    if action.dest in INEFFECTIVE_ARGUMENTS:
+        action.help = f"{action.help} (accepted, no effect yet)"
+
+
+def _add_shape_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("graph shape")
+    _add(g, "-b", "--batch-size", type=positive_int, default=1, help="compiled per-replica batch size")
+    _add(
+        g, "-mb", "--microbatch-size", type=positive_int, default=None, help="micro-batch size inside a batch"
+    )
+    _add(
+        g,
+        "--grad-accumulation-steps",
+        type=positive_int,
+        default=1,
+        help="batches accumulated before an optimizer update",
+    )
+    _add(g, "--inference", action="store_true", help="forward-only graph, no optimizer")
+
+
+def _add_pef_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("PEF")
+    _add(
+        g, "-p", "--pef", type=str, default=None, help="PEF to run; for compile, the path to write the PEF to"
+    )
+    _add(g, "--output-folder", type=str, default="out", help="where compile writes (default: out)")
+    _add(g, "--pef-name", type=str, default=None, help="PEF name (default: generated)")
+
+
+def _add_compiler_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("compiler")
+    _add(
+        g,
+        "--backend",
+        choices=BACKENDS,
+        default="inductor",
+        help="how sections are compiled: reference (eager ATen) or inductor",
+    )
+    _add(g, "--mapping", choices=("section", "spatial"), default="section", help="mapping mode")
+    _add(g, "--n-chips", type=positive_int, default=1, help="device chips")
+    _add(g, "--num-tiles", type=positive_int, default=4, help="device tiles")
+    _add(g, "--o0", action="store_true", help="compiler optimisation level 0")
+    _add(g, "--o1", action="store_true", help="compiler optimisation level 1")
+    _add(g, "--seed", type=int, default=0, help="random seed (default: 0)")
+
+
+def _add_parallel_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data parallel")
+    _add(g, "--data-parallel", action="store_true", help="data-parallel compile or run")
+    _add(g, "-ws", "--world-size", type=positive_int, default=1, help="data-parallel replicas")
+    _add(g, "--reduce-on-rdu", action="store_true", help="all-reduce gradients on the device")
+    _add(
+        g,
+        "--local-rank",
+        "--local_rank",
+        dest="local_rank",
+        type=int,
+        default=argparse.SUPPRESS,
+        help="this process's local rank (default: $LOCAL_RANK, else -1)",
+    )
+
+
+def _add_measure_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("measurement")
+    _add(
+        g,
+        "-n",
+        "--num-iterations",
+        type=positive_int,
+        default=100,
+        help="timed iterations for measure-performance / measure-sections",
+    )
+    _add(g, "--run-graph-only", action="store_true", help="time graph runs only, no host transfers")
+    _add(
+        g,
+        "--min-duration",
+        type=non_negative_float,
+        default=None,
+        help="keep timing until at least this many seconds have passed",
+    )
+    _add(g, "--json", type=str, default=None, help="write measurements to this JSON file")
+
+
+def _add_logging_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("logging")
+    _add(g, "--log-level", type=_lower, choices=LOG_LEVELS, default="warning", help="log level")
+    _add(g, "--log-dir", type=str, default=None, help="directory for log files")
+    _add(g, "--debug", action="store_true", help="debug output")
+    _add(g, "--verbose", action="store_true", help="verbose output")
+
+
+def add_standard_args(parser: argparse.ArgumentParser) -> None:
+    """Add every standard SambaFlow argument to one sub-command's parser."""
+    for add in (
+        _add_shape_args,
+        _add_pef_args,
+        _add_compiler_args,
+        _add_parallel_args,
+        _add_measure_args,
+        _add_logging_args,
+    ):
+        add(parser)
+
+
+# ---------------------------------------------------------------------------- building the parser
+
+
+def _apply_app_defaults(parser: argparse.ArgumentParser, ours: set[argparse.Action]) -> None:
+    """Make the app's default win where an app option shares a dest with a standard one.
+
+    argparse's 'resolve' handler drops our option strings the app redefined, but a standard action
+    that kept some strings (the app defined `--batch-size` only, say) would still set its default
+    first; give it the app's default.
+    """
+    app_defaults = {
+        a.dest: a.default
+        for a in parser._actions
+        if a not in ours and a.dest != argparse.SUPPRESS and a.default is not argparse.SUPPRESS
+    }
+    shared = {a.dest for a in parser._actions if a in ours} & app_defaults.keys()
+    if shared:
+        parser.set_defaults(**{dest: app_defaults[dest] for dest in shared})
+
+
+def _run_hook(hook: ParserHook | None, parser: argparse.ArgumentParser, label: str) -> None:
+    if hook is None:
+        return
+    if not callable(hook):
+        raise SambaArgumentError(
+            f"parse_app_args({label}=...) got {type(hook).__name__}, not a function: pass a function "
+            "that takes the sub-command's argparse parser and adds arguments to it"
+        )
+    hook(parser)
+
+
+def _build_command_parser(subparsers: Any, command: str, hooks: dict[str, ParserHook | None]) -> None:
+    parser = subparsers.add_parser(command, conflict_handler="resolve", help=COMMAND_HELP[command])
+    add_standard_args(parser)
+    ours = set(parser._actions)
+    _run_hook(hooks["common_parser_fn"], parser, "common_parser_fn")
+    if command == "run":
+        _run_hook(hooks["run_parser_fn"], parser, "run_parser_fn")
+    if command == "test":
+        _run_hook(hooks["test_parser_fn"], parser, "test_parser_fn")
+    _apply_app_defaults(parser, ours)
+
+
+def build_parser(
+    common_parser_fn: ParserHook | None = None,
+    test_parser_fn: ParserHook | None = None,
+    run_parser_fn: ParserHook | None = None,
+) -> argparse.ArgumentParser:
+    """The top-level parser with one sub-parser per command, app hooks applied."""
+    parser = argparse.ArgumentParser(description="A SambaFlow app (sambaflow-open).")
+    parser.add_argument(
+        "--local-rank",
+        "--local_rank",
+        dest="local_rank",
+        type=int,
+        default=None,
+        help="this process's local rank (default: $LOCAL_RANK, else -1)",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    subparsers.required = True
+    hooks = {
+        "common_parser_fn": common_parser_fn,
+        "test_parser_fn": test_parser_fn,
+        "run_parser_fn": run_parser_fn,
+    }
+    for command in COMMANDS:
+        _build_command_parser(subparsers, command, hooks)
+    return parser
+
+
+def parse_app_args(
+    argv: Sequence[str] | None = None,
+    common_parser_fn: ParserHook | None = None,
+    test_parser_fn: ParserHook | None = None,
+    run_parser_fn: ParserHook | None = None,
+    dev_mode: bool = False,
+) -> argparse.Namespace:
+    """Parse an app's command line (`argv=None`: `sys.argv[1:]`) into a namespace.
+
+    `common_parser_fn(parser)` runs on every sub-command's parser, `run_parser_fn` on `run`'s and
+    `test_parser_fn` on `test`'s. `dev_mode` is accepted for compatibility and recorded as
+    `args.dev_mode`; it changes nothing.
+    """
+    parser = build_parser(common_parser_fn, test_parser_fn, run_parser_fn)
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.local_rank is None:
+        args.local_rank = _env_local_rank()
+    args.dev_mode = bool(dev_mode)
+    return args
+
+
+# ---------------------------------------------------------------------------- after parsing
+
+
+def _describe(flag: str, value: Any) -> str:
+    return flag if value is True else f"{flag} {value}"
+
+
+def ineffective_arguments(args: argparse.Namespace) -> list[str]:
+    """One line per argument given a non-default value that this project accepts but ignores."""
+    lines = []
+    for dest, (flag, default, why) in INEFFECTIVE_ARGUMENTS.items():
+        value = getattr(args, dest, default)
+        if value != default:
+            lines.append(f"{_describe(flag, value)}: accepted but had no effect ({why})")
+    return lines
+
+
+def _read_yaml(path: str | os.PathLike[str]) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except FileNotFoundError:
+        raise SambaArgumentError(
+            f"YAML file {os.fspath(path)!r} given to parse_yaml_to_args does not exist: "
+            "check the path (it is relative to the current directory)"
+        ) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SambaArgumentError(f"could not read YAML file {os.fspath(path)!r}: {e}") from None
+    except yaml.YAMLError as e:
+        raise SambaArgumentError(f"YAML file {os.fspath(path)!r} is not valid YAML: {e}") from None
+
+
+def parse_yaml_to_args(path: str | os.PathLike[str], args: argparse.Namespace) -> argparse.Namespace:
+    """Overlay a YAML file's top-level keys onto `args` (in place; also returned).
+
+    Keys with dashes map to underscores (`batch-size` -> `args.batch_size`). An empty file changes
+    nothing.
+    """
+    data = _read_yaml(path)
+    if data is None:
+        return args
+    if not isinstance(data, dict):
+        raise SambaArgumentError(
+            f"YAML file {os.fspath(path)!r} holds a {type(data).__name__}, not a mapping: write it "
+            "as `key: value` lines, e.g. `batch-size: 64`"
+        )
+    for key, value in data.items():
+        if not isinstance(key, str):
+            raise SambaArgumentError(
+                f"YAML file {os.fspath(path)!r} has the non-text key {key!r}: argument names must be text"
+            )
+        setattr(args, key.replace("-", "_"), value)
+    return args

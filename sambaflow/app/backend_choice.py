@@ -1,0 +1,28 @@
+"""Pick the backend to compile for; fall back to `reference`, saying so once, where it cannot work."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from sambaflow.backends.base import Backend, get_backend
+from sambaflow.errors import SambaBackendError
+
+
+def choose_backend(name: str, say: Callable[[str], None]) -> Backend:
+    try:
+        backend = get_backend(name)
+    except SambaBackendError as exc:
+        if name != "inductor":
+            raise
+        return _fallback(name, str(exc), say)
+    available = getattr(backend, "available", None)
+    if available is not None:
+        ok, reason = available()
+        if not ok:
+            return _fallback(name, reason, say)
+    return backend
+
+
+def _fallback(name: str, reason: str, say: Callable[[str], None]) -> Any:
+    say(f"the {name} backend cannot run here ({reason}); falling back to the reference backend")
+    return get_backend("reference")

@@ -1,0 +1,132 @@
+"""`session.compile`: trace an app's step, compile every program, write the PEF and its log."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+import sambaflow
+from sambaflow.app.backend_choice import choose_backend
+from sambaflow.app.tracing import optimizer_list
+from sambaflow.pef.file import CompiledGraph, write_pef
+from sambaflow.runtime.executable import Executable
+from sambaflow.trace.tracer import trace_step
+
+
+def progress(message: str) -> None:
+    print(f"[sambaflow] {message}", flush=True)
+
+
+def pef_path_for(name: str, config: dict[str, Any], inference: bool) -> str:
+    """`-p` if given, else `<output-folder>/<pef-name>/<pef-name>.pef`."""
+    if config.get("pef") and config.get("command", "compile") == "compile":
+        return str(config["pef"])
+    pef_name = config.get("pef_name") or (name.lower() + ("_inf" if inference else ""))
+    folder = config.get("output_folder") or "out"
+    return os.path.join(folder, pef_name, f"{pef_name}.pef")
+
+
+def compile_pef(model: nn.Module, inputs: Sequence[torch.Tensor], optim: Any, name: str | None = None,
+                app_dir: str | None = None, config_dict: dict[str, Any] | None = None,
+                pef_metadata: dict[str, Any] | None = None, init_output_grads: bool = True,
+                inference: bool = False, squeeze_bs_dim: bool = False, loss_indices: Sequence[int] | None = None,
+                backend: str | None = None, **_: Any) -> str:
+    """Trace and compile `model`'s step (forward only with `inference`) into a PEF; return its path."""
+    config = dict(config_dict or {})
+    name = name or type(model).__name__
+    inference = bool(inference or config.get("inference"))
+    path = pef_path_for(name, config, inference)
+    log = CompileLog(path)
+    chosen = choose_backend(backend or config.get("backend") or "reference", log.note)
+    started = time.perf_counter()
+    graphs = {}
+    optimizers = [] if inference else optimizer_list(optim)
+    if optimizers:
+        graphs["train"] = _compiled(model, inputs, optimizers, loss_indices, chosen, log)
+    graphs["inference"] = _compiled(model, inputs, [], loss_indices, chosen, log)
+    header = _header(name, chosen, config, pef_metadata, inference, init_output_grads, app_dir)
+    main = graphs.get("train", graphs["inference"]).graph
+    write_pef(path, header, graphs, main.as_text())
+    log.note(f"wrote {path} ({os.path.getsize(path) / 1024:.0f} KiB) in {time.perf_counter() - started:.1f} s")
+    log.finish(config, main)
+    return path
+
+
+def _compiled(model: nn.Module, inputs: Sequence[torch.Tensor], optimizers: list, loss_indices: Any,
+              backend: Any, log: CompileLog) -> CompiledGraph:
+    kind = "training step" if optimizers else "inference graph"
+    log.note(f"tracing the {kind} of {type(model).__name__}")
+    graph = trace_step(model, inputs, optimizers, loss_indices=loss_indices, backward=bool(optimizers))
+    executable = Executable.build(graph, backend)
+    log.note(f"compiling {len(executable.programs)} programs ({', '.join(executable.programs)}) "
+             f"with the {backend.name} backend")
+    return CompiledGraph(graph, executable.programs, executable.binaries())
+
+
+def _header(name: str, backend: Any, config: dict[str, Any], metadata: dict[str, Any] | None,
+            inference: bool, init_output_grads: bool, app_dir: str | None) -> dict[str, Any]:
+    return {
+        "name": name,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "producer": {"sambaflow": sambaflow.__version__, "torch": torch.__version__,
+                     "python": platform.python_version()},
+        "target": {"backend": backend.name, "device": getattr(backend, "device", "cpu")},
+        "compile_args": jsonable(config),
+        "pef_metadata": jsonable(metadata or {}),
+        "inference": inference,
+        "init_output_grads": init_output_grads,
+        "app_dir": app_dir,
+    }
+
+
+def jsonable(value: Any) -> Any:
+    """Args and metadata as JSON: containers kept, anything exotic as its str()."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+class CompileLog:
+    """Progress on the console and the same lines, plus a report, in `<pef dir>/<name>.compile.log`."""
+
+    def __init__(self, pef_path: str) -> None:
+        self.path = os.path.splitext(pef_path)[0] + ".compile.log"
+        self.lines: list[str] = []
+        self.started = time.perf_counter()
+
+    def note(self, message: str) -> None:
+        progress(message)
+        self.lines.append(f"[{time.perf_counter() - self.started:7.2f}s] {message}")
+
+    def finish(self, config: dict[str, Any], graph: Any) -> None:
+        from sambaflow.app.args import ineffective_arguments
+
+        report = [f"sambaflow {sambaflow.__version__}, torch {torch.__version__}, python {sys.version.split()[0]}",
+                  "arguments: " + json.dumps(jsonable(config), sort_keys=True)]
+        unused = ineffective_arguments(_namespace(config)) if config else []
+        report += [f"NO EFFECT: {line}" for line in unused] or ["every given argument took effect"]
+        report += [f"fixed at compile time (not run-time inputs): {note}" for note in graph.baked]
+        report += [f"run-time hyperparameters: {graph.hyper_defaults}"]
+        for line in unused:
+            progress(f"note: {line}")
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        with open(self.path, "w") as handle:
+            handle.write("\n".join(self.lines + report) + "\n")
+
+
+def _namespace(config: dict[str, Any]) -> Any:
+    import argparse
+
+    return argparse.Namespace(**config)

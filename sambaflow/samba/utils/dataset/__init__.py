@@ -1,0 +1,1 @@
+"""Dataset helpers SambaFlow apps import (`sambaflow.samba.utils.dataset.mnist`)."""
