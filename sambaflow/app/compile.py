@@ -15,14 +15,10 @@ from torch import nn
 
 import sambaflow
 from sambaflow.app.backend_choice import choose_backend
-from sambaflow.app.tracing import optimizer_list
+from sambaflow.app.tracing import optimizer_list, progress
 from sambaflow.pef.file import CompiledGraph, write_pef
 from sambaflow.runtime.executable import Executable
 from sambaflow.trace.tracer import trace_step
-
-
-def progress(message: str) -> None:
-    print(f"[sambaflow] {message}", flush=True)
 
 
 def pef_path_for(name: str, config: dict[str, Any], inference: bool) -> str:

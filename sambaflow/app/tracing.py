@@ -20,6 +20,10 @@ from sambaflow.trace.graph import TracedGraph
 from sambaflow.trace.tracer import trace_step
 
 
+def progress(message: str) -> None:
+    print(f"[sambaflow] {message}", flush=True)
+
+
 def optimizer_list(optim: SambaOptimizer | Sequence[SambaOptimizer] | None) -> list[SambaOptimizer]:
     if optim is None:
         return []
@@ -39,20 +43,21 @@ def trace_graph(model: nn.Module, inputs: Sequence[torch.Tensor], optim: Any = N
     forward-only. Returns the graph's outputs, also stored as `model.output_tensors`.
     """
     optimizers = optimizer_list(optim)
+    pef_file = PefFile(pef) if pef else None
+    if pef_file is not None and optimizers and "train" not in pef_file.kinds:
+        progress(f"{pef} is forward-only (compiled with --inference): the optimizer is not used")
+        optimizers = []
     traced = trace_step(model, inputs, optimizers, loss_indices=loss_indices, backward=bool(optimizers))
     session.trace_count += 1
-    executable = _from_pef(pef, traced, bool(optimizers)) if pef else Executable.build(traced, backend)
+    executable = _from_pef(pef_file, traced, bool(optimizers)) if pef_file else Executable.build(traced, backend)
     outputs = session.load(executable, model, optimizers, init_output_grads)
     model.output_tensors = outputs
     return outputs
 
 
-def _from_pef(path: str, traced: TracedGraph, training: bool) -> Executable:
-    pef = PefFile(path)
+def _from_pef(pef: PefFile, traced: TracedGraph, training: bool) -> Executable:
+    path = pef.path
     kind = "train" if training else "inference"
-    if kind not in pef.kinds:
-        raise SambaPefError(f"'{path}' was compiled with --inference (forward only) and cannot train: "
-                            "recompile without --inference, or run with --inference and no optimizer")
     check_matches(traced, pef.entry(kind), path, pef.manifest.get("compile_args", {}))
     backend = _backend_for(pef, path)
     programs = {name: pef.program(kind, name) for name in pef.entry(kind)["programs"]}

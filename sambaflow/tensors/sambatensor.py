@@ -95,6 +95,13 @@ class SambaTensor(torch.Tensor):
             f"batch_dim={self.batch_dim}, requires_grad={self.requires_grad},\n  {values})"
         )
 
+    def __deepcopy__(self, memo: dict) -> SambaTensor:
+        if id(self) not in memo:
+            clone = self.torch().detach().clone(memory_format=torch.preserve_format)
+            memo[id(self)] = SambaTensor(clone, name=self.sn_name, batch_dim=self.batch_dim,
+                                         requires_grad=self.requires_grad)
+        return memo[id(self)]
+
     def __reduce_ex__(self, protocol: int) -> Any:
         # Pickle (and torch.save) as a plain tensor: checkpoints must load with weights_only=True.
         return self.torch().detach().clone().__reduce_ex__(protocol)

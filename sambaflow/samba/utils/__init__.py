@@ -1,5 +1,6 @@
-"""`sambaflow.samba.utils`: tracing, seeding, numeric checks."""
+"""`sambaflow.samba.utils`: tracing, measurement, seeding, numeric checks."""
 
+from sambaflow.app.measure import measure_performance, measure_sections
 from sambaflow.samba.utils.utils import assert_close, get_file_dir, set_seed, trace_graph
 
-__all__ = ["assert_close", "get_file_dir", "set_seed", "trace_graph"]
+__all__ = ["assert_close", "get_file_dir", "measure_performance", "measure_sections", "set_seed", "trace_graph"]

@@ -1,0 +1,163 @@
+"""The seed document's sample app: ResFFNLogReg trained through a compiled PEF.
+
+    python examples/ffn_app.py compile -b 64 -mb 4 --pef-name ffn       # writes out/ffn/ffn.pef
+    python examples/ffn_app.py run -b 64 -mb 4 -p out/ffn/ffn.pef        # trains from the PEF
+    python examples/ffn_app.py test -b 64 -p out/ffn/ffn.pef
+    python examples/ffn_app.py measure-performance -b 64 -p out/ffn/ffn.pef -n 100
+
+With no --data-dir it trains on scikit-learn's digits (resized to 28x28); with --data-dir, on MNIST.
+"""
+
+import json
+import sys
+from typing import List, Tuple
+
+import torch
+import torch.nn as nn
+
+import sambaflow
+import sambaflow.samba.utils as utils
+from sambaflow import samba
+from sambaflow.app import datasets
+from sambaflow.samba.utils.argparser import parse_app_args
+from sambaflow.samba.utils.common import common_app_driver
+
+
+def basic_weight_init(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_normal_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class ResFFNLogReg(nn.Module):
+    """Feed Forward Network with two different activation functions and a residual connection"""
+
+    def __init__(self, num_features: int, hidden_size: int, num_classes: int) -> None:
+        super().__init__()
+        self.gemm1 = nn.Linear(num_features, hidden_size, bias=True)
+        self.gemm2 = nn.Linear(hidden_size, hidden_size, bias=True)
+        self.gemm3 = nn.Linear(hidden_size, num_classes, bias=True)
+
+        self.norm1 = nn.LayerNorm(hidden_size)
+        self.norm2 = nn.LayerNorm(hidden_size)
+
+        self.tanh1 = nn.Tanh()
+        self.sigmoid1 = nn.Sigmoid()
+
+        self.criterion = nn.CrossEntropyLoss()
+
+        self.apply(basic_weight_init)
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> Tuple[torch.Tensor]:
+        out = self.gemm1(inputs)
+        out = self.norm1(out)
+        out = self.tanh1(out)
+        residual = out
+        out = self.gemm2(out)
+        out = self.norm2(out)
+        out = out + residual
+        out = self.sigmoid1(out)
+        out = self.gemm3(out)
+        loss = self.criterion(out, targets)
+        return loss, out
+
+
+def add_args(parser) -> None:
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--num-features", type=int, default=784)
+    parser.add_argument("--hidden-size", type=int, default=256)
+    parser.add_argument("--num-classes", type=int, default=10)
+
+
+def add_run_args(parser) -> None:
+    parser.add_argument("-e", "--num-epochs", type=int, default=5)
+    parser.add_argument("--data-dir", default=None, help="MNIST IDX files; default: scikit-learn digits")
+    parser.add_argument("--log-losses", default=None, help="write every step's loss to this JSON file")
+    parser.add_argument("--save-checkpoint", default=None, help="save model and optimizer after training")
+    parser.add_argument("--load-checkpoint", default=None, help="resume from a checkpoint")
+
+
+def train(args, model: nn.Module, optim, first_epoch: int = 0) -> None:
+    x_train, y_train, x_test, y_test = datasets.load(args.data_dir)
+    x_train, x_test = x_train.reshape(len(x_train), -1), x_test.reshape(len(x_test), -1)
+    hyperparam_dict = {"lr": args.lr, "momentum": args.momentum, "weight_decay": args.weight_decay}
+    total_steps = len(x_train) // args.batch_size
+    losses: List[float] = []
+    for epoch in range(first_epoch, args.num_epochs):
+        generator = torch.Generator().manual_seed(1000 * args.seed + epoch)
+        for i, (images, labels) in enumerate(datasets.batches(x_train, y_train, args.batch_size, True, generator)):
+            sn_images = samba.from_torch_tensor(images, name="image", batch_dim=0)
+            sn_labels = samba.from_torch_tensor(labels, name="label", batch_dim=0)
+            loss, outputs = samba.session.run(input_tensors=[sn_images, sn_labels],
+                                              output_tensors=model.output_tensors,
+                                              hyperparam_dict=hyperparam_dict)
+            losses.append(float(loss))
+        print(f"Epoch [{epoch + 1}/{args.num_epochs}], Step [{i + 1}/{total_steps}], Loss: {losses[-1]:.4f}")
+    samba.session.to_cpu(model, optim)
+    evaluate(model, x_test, y_test)
+    if args.save_checkpoint:
+        torch.save({"model": model.state_dict(), "optimizer": optim.state_dict(),
+                    "completed_epochs": args.num_epochs}, args.save_checkpoint)
+    if args.log_losses:
+        with open(args.log_losses, "w") as handle:
+            json.dump(losses, handle)
+
+
+def evaluate(model: nn.Module, x_test: torch.Tensor, y_test: torch.Tensor) -> None:
+    samba.session.tracing = False
+    with torch.no_grad():
+        loss, outputs = model(x_test, y_test)  # the host model, in plain PyTorch
+    accuracy = 100.0 * float((outputs.argmax(dim=1) == y_test).float().mean())
+    print(f"Test Accuracy: {accuracy:.2f}  Loss: {float(loss):.4f}")
+
+
+def infer(args, model: nn.Module) -> None:
+    _, _, x_test, y_test = datasets.load(args.data_dir)
+    x_test = x_test.reshape(len(x_test), -1)
+    correct = seen = 0
+    for images, labels in datasets.batches(x_test, y_test, args.batch_size, False):
+        inputs = [samba.from_torch_tensor(images, name="image", batch_dim=0),
+                  samba.from_torch_tensor(labels, name="label", batch_dim=0)]
+        loss, outputs = samba.session.run(inputs, model.output_tensors, section_types=["fwd"])
+        correct += int((outputs.argmax(dim=1) == labels).sum())
+        seen += len(labels)
+    print(f"Inference accuracy on {seen} test samples: {100.0 * correct / seen:.2f}")
+
+
+def main(argv: List[str]) -> None:
+    args = parse_app_args(argv=argv, common_parser_fn=add_args, run_parser_fn=add_run_args)
+
+    # Input definition
+    image = samba.randn(args.batch_size, args.num_features, name="image", batch_dim=0)
+    label = samba.randint(args.num_classes, (args.batch_size,), name="label", batch_dim=0)
+    inputs = (image, label)
+
+    # Model definition
+    utils.set_seed(args.seed)
+    model = ResFFNLogReg(args.num_features, args.hidden_size, args.num_classes)
+    samba.from_torch_model_(model)
+
+    # Optimizer definition
+    optim = sambaflow.samba.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                      weight_decay=args.weight_decay)
+
+    if args.command == "run":
+        first_epoch = 0
+        if args.load_checkpoint:  # load into the host model before tracing moves it to the device
+            checkpoint = torch.load(args.load_checkpoint)
+            model.load_state_dict(checkpoint["model"])
+            optim.load_state_dict(checkpoint["optimizer"])
+            first_epoch = checkpoint["completed_epochs"]
+        # Trace the graph
+        utils.trace_graph(model, inputs, optim, pef=args.pef, mapping=args.mapping)
+        # Within the user defined train function, call: samba.session.run
+        infer(args, model) if args.inference else train(args, model, optim, first_epoch)
+    else:
+        common_app_driver(args=args, model=model, inputs=inputs, optim=optim, name=model.__class__.__name__,
+                          init_output_grads=not args.inference, app_dir=utils.get_file_dir(__file__))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,28 @@
+"""`python -m sambaflow inspect out/x/x.pef`: print what a PEF holds."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sambaflow.errors import SambaError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sambaflow", description="sambaflow-open tools")
+    commands = parser.add_subparsers(dest="command", required=True)
+    inspect = commands.add_parser("inspect", help="print a PEF's manifest: sections, tensors, versions")
+    inspect.add_argument("pef", help="path to a .pef file")
+    args = parser.parse_args(argv)
+    from sambaflow.pef.inspect import describe
+
+    try:
+        print(describe(args.pef))
+    except SambaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Built-in performance measurement: whole-step throughput/latency and per-section times."""
+
+from __future__ import annotations
+
+import json as json_module
+import statistics
+import time
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from sambaflow.app.tracing import progress
+from sambaflow.errors import SambaArgumentError, SambaRunError
+from sambaflow.runtime.session import session
+
+
+def _outputs(model: nn.Module) -> Any:
+    outputs = getattr(model, "output_tensors", None)
+    if outputs is None or session.executable is None:
+        raise SambaRunError("measurement needs a loaded graph: call utils.trace_graph(model, inputs, optim, "
+                            "pef=...) first")
+    return outputs
+
+
+def _timed_runs(inputs: Sequence[torch.Tensor], outputs: Any, sections: list[str] | None,
+                n_iterations: int, min_duration: float | None) -> list[float]:
+    times: list[float] = []
+    started = time.perf_counter()
+    while len(times) < n_iterations or (min_duration and time.perf_counter() - started < min_duration):
+        begin = time.perf_counter()
+        session.run(inputs, outputs, section_types=sections)
+        times.append(time.perf_counter() - begin)
+    return times
+
+
+def measure_performance(model: nn.Module, inputs: Sequence[torch.Tensor], batch_size: int, n_chips: int = 1,
+                        inference: bool = False, run_graph_only: bool = True, n_iterations: int = 100,
+                        json: str | None = None, data_parallel: bool = False, reduce_on_rdu: bool = False,
+                        use_sambaloader: bool = False, min_duration: float | None = None,
+                        world_size: int = 1, **_: Any) -> tuple[float, float]:
+    """One untimed warm-up run, then `n_iterations` timed whole steps. Returns (samples/s, s/step)."""
+    if n_iterations < 1:
+        raise SambaArgumentError(f"n_iterations must be at least 1, got {n_iterations}")
+    outputs = _outputs(model)
+    sections = ["fwd"] if inference else None
+    print(f"Measuring performance with world size:  {world_size}")
+    print("initial run starts.")
+    session.run(inputs, outputs, section_types=sections)
+    print("initial run completes.")
+    times = _timed_runs(inputs, outputs, sections, n_iterations, min_duration)
+    duration = sum(times)
+    latency = duration / len(times)
+    throughput = len(times) * batch_size * world_size / duration
+    print(f"e2e_throughput: {throughput:.2f} samples/s, measured over {len(times)} iterations. "
+          f"Average latency: {latency:.6f} s.")
+    print(f"e2e_latency: {latency:.6f} s")
+    print(f"total duration: {duration:.4f} s")
+    if json:
+        _write_json(json, {"throughput": throughput, "latency": latency, "n_iterations": len(times),
+                           "batch_size": batch_size, "world_size": world_size, "duration": duration,
+                           "median_step_s": statistics.median(times), "inference": inference,
+                           "backend": session.executable.backend.name})
+    return throughput, latency
+
+
+def measure_sections(model: nn.Module, inputs: Sequence[torch.Tensor], num_sections: int | None = None,
+                     n_iterations: int = 100, batch_size: int | None = None, json: str | None = None,
+                     **_: Any) -> dict[str, float]:
+    """Median time of each section run on its own, and of the fused whole step, in seconds."""
+    outputs = _outputs(model)
+    sections = list(session.executable.sections)
+    session.run(inputs, outputs)  # warm-up; leaves every section's inputs on the device
+    samples: dict[str, list[float]] = {name: [] for name in sections + ["step"]}
+    for _ in range(max(1, n_iterations)):
+        for name in sections:
+            begin = time.perf_counter()
+            session.run(inputs, outputs, section_types=[name])
+            samples[name].append(time.perf_counter() - begin)
+        samples["step"] += _timed_runs(inputs, outputs, None, 1, None)
+    medians = {name: statistics.median(values) for name, values in samples.items()}
+    _print_table(medians, batch_size)
+    if json:
+        _write_json(json, {"median_s": medians, "n_iterations": n_iterations, "batch_size": batch_size})
+    return medians
+
+
+def _print_table(medians: dict[str, float], batch_size: int | None) -> None:
+    print(f"{'section':<12}{'median (ms)':>14}{'samples/s':>14}")
+    for name, seconds in medians.items():
+        rate = f"{batch_size / seconds:14.1f}" if batch_size else f"{'-':>14}"
+        label = "whole step" if name == "step" else name
+        print(f"{label:<12}{seconds * 1e3:14.3f}{rate}")
+
+
+def _write_json(path: str, report: dict[str, Any]) -> None:
+    with open(path, "w") as handle:
+        json_module.dump(report, handle, indent=2)
+    progress(f"wrote {path}")

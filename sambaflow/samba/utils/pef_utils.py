@@ -1,0 +1,5 @@
+"""`sambaflow.samba.utils.pef_utils`: PEF metadata."""
+
+from sambaflow.app.driver import get_pefmeta
+
+__all__ = ["get_pefmeta"]
