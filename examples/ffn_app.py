@@ -10,7 +10,6 @@ With no --data-dir it trains on scikit-learn's digits (resized to 28x28); with -
 
 import json
 import sys
-from typing import List, Tuple
 
 import torch
 import torch.nn as nn
@@ -48,7 +47,7 @@ class ResFFNLogReg(nn.Module):
 
         self.apply(basic_weight_init)
 
-    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> Tuple[torch.Tensor]:
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor]:
         out = self.gemm1(inputs)
         out = self.norm1(out)
         out = self.tanh1(out)
@@ -84,22 +83,32 @@ def train(args, model: nn.Module, optim, first_epoch: int = 0) -> None:
     x_train, x_test = x_train.reshape(len(x_train), -1), x_test.reshape(len(x_test), -1)
     hyperparam_dict = {"lr": args.lr, "momentum": args.momentum, "weight_decay": args.weight_decay}
     total_steps = len(x_train) // args.batch_size
-    losses: List[float] = []
+    losses: list[float] = []
     for epoch in range(first_epoch, args.num_epochs):
         generator = torch.Generator().manual_seed(1000 * args.seed + epoch)
-        for i, (images, labels) in enumerate(datasets.batches(x_train, y_train, args.batch_size, True, generator)):
+        for i, (images, labels) in enumerate(
+            datasets.batches(x_train, y_train, args.batch_size, True, generator)
+        ):
             sn_images = samba.from_torch_tensor(images, name="image", batch_dim=0)
             sn_labels = samba.from_torch_tensor(labels, name="label", batch_dim=0)
-            loss, outputs = samba.session.run(input_tensors=[sn_images, sn_labels],
-                                              output_tensors=model.output_tensors,
-                                              hyperparam_dict=hyperparam_dict)
+            loss, outputs = samba.session.run(
+                input_tensors=[sn_images, sn_labels],
+                output_tensors=model.output_tensors,
+                hyperparam_dict=hyperparam_dict,
+            )
             losses.append(float(loss))
         print(f"Epoch [{epoch + 1}/{args.num_epochs}], Step [{i + 1}/{total_steps}], Loss: {losses[-1]:.4f}")
     samba.session.to_cpu(model, optim)
     evaluate(model, x_test, y_test)
     if args.save_checkpoint:
-        torch.save({"model": model.state_dict(), "optimizer": optim.state_dict(),
-                    "completed_epochs": args.num_epochs}, args.save_checkpoint)
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": optim.state_dict(),
+                "completed_epochs": args.num_epochs,
+            },
+            args.save_checkpoint,
+        )
     if args.log_losses:
         with open(args.log_losses, "w") as handle:
             json.dump(losses, handle)
@@ -118,15 +127,17 @@ def infer(args, model: nn.Module) -> None:
     x_test = x_test.reshape(len(x_test), -1)
     correct = seen = 0
     for images, labels in datasets.batches(x_test, y_test, args.batch_size, False):
-        inputs = [samba.from_torch_tensor(images, name="image", batch_dim=0),
-                  samba.from_torch_tensor(labels, name="label", batch_dim=0)]
+        inputs = [
+            samba.from_torch_tensor(images, name="image", batch_dim=0),
+            samba.from_torch_tensor(labels, name="label", batch_dim=0),
+        ]
         loss, outputs = samba.session.run(inputs, model.output_tensors, section_types=["fwd"])
         correct += int((outputs.argmax(dim=1) == labels).sum())
         seen += len(labels)
     print(f"Inference accuracy on {seen} test samples: {100.0 * correct / seen:.2f}")
 
 
-def main(argv: List[str]) -> None:
+def main(argv: list[str]) -> None:
     args = parse_app_args(argv=argv, common_parser_fn=add_args, run_parser_fn=add_run_args)
 
     # Input definition
@@ -140,8 +151,9 @@ def main(argv: List[str]) -> None:
     samba.from_torch_model_(model)
 
     # Optimizer definition
-    optim = sambaflow.samba.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                      weight_decay=args.weight_decay)
+    optim = sambaflow.samba.optim.SGD(
+        model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
+    )
 
     if args.command == "run":
         first_epoch = 0
@@ -155,8 +167,15 @@ def main(argv: List[str]) -> None:
         # Within the user defined train function, call: samba.session.run
         infer(args, model) if args.inference else train(args, model, optim, first_epoch)
     else:
-        common_app_driver(args=args, model=model, inputs=inputs, optim=optim, name=model.__class__.__name__,
-                          init_output_grads=not args.inference, app_dir=utils.get_file_dir(__file__))
+        common_app_driver(
+            args=args,
+            model=model,
+            inputs=inputs,
+            optim=optim,
+            name=model.__class__.__name__,
+            init_output_grads=not args.inference,
+            app_dir=utils.get_file_dir(__file__),
+        )
 
 
 if __name__ == "__main__":

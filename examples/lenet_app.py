@@ -1,8 +1,8 @@
 """LeNet, written like SambaNova's LeNet tutorial (28x28 images, two conv layers, three linear).
 
-    python examples/lenet_app.py compile -b 32 --pef-name lenet
-    python examples/lenet_app.py run -b 32 -p out/lenet/lenet.pef
-    python examples/lenet_app.py run -b 32 -p out/lenet/lenet.pef --inference   # training PEF, fwd only
+python examples/lenet_app.py compile -b 32 --pef-name lenet
+python examples/lenet_app.py run -b 32 -p out/lenet/lenet.pef
+python examples/lenet_app.py run -b 32 -p out/lenet/lenet.pef --inference   # training PEF, fwd only
 """
 
 import json
@@ -65,9 +65,13 @@ def train(args, model: nn.Module) -> None:
     losses = []
     for epoch in range(args.num_epochs):
         generator = torch.Generator().manual_seed(1000 * args.seed + epoch)
-        for i, (images, labels) in enumerate(datasets.batches(x_train, y_train, args.batch_size, True, generator)):
-            inputs = [samba.from_torch_tensor(images, name="image", batch_dim=0),
-                      samba.from_torch_tensor(labels, name="label", batch_dim=0)]
+        for i, (images, labels) in enumerate(
+            datasets.batches(x_train, y_train, args.batch_size, True, generator)
+        ):
+            inputs = [
+                samba.from_torch_tensor(images, name="image", batch_dim=0),
+                samba.from_torch_tensor(labels, name="label", batch_dim=0),
+            ]
             loss, _ = samba.session.run(inputs, model.output_tensors, hyperparam_dict=hyperparam_dict)
             losses.append(float(loss))
         print(f"Epoch [{epoch + 1}/{args.num_epochs}], Step [{i + 1}/{total_steps}], Loss: {losses[-1]:.4f}")
@@ -86,8 +90,10 @@ def test_inference(args, model: nn.Module) -> None:
     _, _, x_test, y_test = datasets.load(args.data_dir)
     correct = seen = 0
     for images, labels in datasets.batches(x_test, y_test, args.batch_size, False):
-        inputs = [samba.from_torch_tensor(images, name="image", batch_dim=0),
-                  samba.from_torch_tensor(labels, name="label", batch_dim=0)]
+        inputs = [
+            samba.from_torch_tensor(images, name="image", batch_dim=0),
+            samba.from_torch_tensor(labels, name="label", batch_dim=0),
+        ]
         _, outputs = samba.session.run(inputs, model.output_tensors, section_types=["fwd"])
         correct += int((outputs.argmax(dim=1) == labels).sum())
         seen += len(labels)
@@ -99,16 +105,30 @@ def main(argv) -> None:
     utils.set_seed(args.seed)
     model = LeNet(args.num_classes)
     samba.from_torch_model_(model)
-    inputs = (samba.randn(args.batch_size, 1, 28, 28, name="image", batch_dim=0),
-              samba.randint(args.num_classes, (args.batch_size,), name="label", batch_dim=0))
-    optimizer = None if args.inference else samba.optim.SGD(
-        model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    inputs = (
+        samba.randn(args.batch_size, 1, 28, 28, name="image", batch_dim=0),
+        samba.randint(args.num_classes, (args.batch_size,), name="label", batch_dim=0),
+    )
+    optimizer = (
+        None
+        if args.inference
+        else samba.optim.SGD(
+            model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
+        )
+    )
     if args.command == "run":
         utils.trace_graph(model, inputs, optimizer, pef=args.pef, init_output_grads=not args.inference)
         test_inference(args, model) if args.inference else train(args, model)
     else:
-        common_app_driver(args, model, inputs, optimizer, name="lenet", init_output_grads=not args.inference,
-                          app_dir=utils.get_file_dir(__file__))
+        common_app_driver(
+            args,
+            model,
+            inputs,
+            optimizer,
+            name="lenet",
+            init_output_grads=not args.inference,
+            app_dir=utils.get_file_dir(__file__),
+        )
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Logistic regression, written like SambaNova's logistic-regression tutorial.
 
-    python examples/logreg_app.py compile -b 32 --pef-name logreg
-    python examples/logreg_app.py run -b 32 -p out/logreg/logreg.pef
-    python examples/logreg_app.py test -b 32 -p out/logreg/logreg.pef
+python examples/logreg_app.py compile -b 32 --pef-name logreg
+python examples/logreg_app.py run -b 32 -p out/logreg/logreg.pef
+python examples/logreg_app.py test -b 32 -p out/logreg/logreg.pef
 """
 
 import json
@@ -53,15 +53,22 @@ def train(args, model: nn.Module) -> None:
     losses = []
     for epoch in range(args.num_epochs):
         generator = torch.Generator().manual_seed(1000 * args.seed + epoch)
-        for i, (images, labels) in enumerate(datasets.batches(x_train, y_train, args.batch_size, True, generator)):
+        for i, (images, labels) in enumerate(
+            datasets.batches(x_train, y_train, args.batch_size, True, generator)
+        ):
             loss, _ = samba.session.run(
-                input_tensors=[samba.from_torch_tensor(images, name="image", batch_dim=0),
-                               samba.from_torch_tensor(labels, name="label", batch_dim=0)],
+                input_tensors=[
+                    samba.from_torch_tensor(images, name="image", batch_dim=0),
+                    samba.from_torch_tensor(labels, name="label", batch_dim=0),
+                ],
                 output_tensors=model.output_tensors,
-                hyperparam_dict={"lr": args.lr, "weight_decay": args.weight_decay})
+                hyperparam_dict={"lr": args.lr, "weight_decay": args.weight_decay},
+            )
             losses.append(float(loss))
             if (i + 1) % 10 == 0:
-                print(f"Epoch [{epoch + 1}/{args.num_epochs}], Step [{i + 1}/{total_steps}], Loss: {losses[-1]:.4f}")
+                print(
+                    f"Epoch [{epoch + 1}/{args.num_epochs}], Step [{i + 1}/{total_steps}], Loss: {losses[-1]:.4f}"
+                )
     samba.session.to_cpu(model)
     with torch.no_grad():
         loss, outputs = model(x_test, y_test)
@@ -76,8 +83,10 @@ def evaluate_on_device(args, model: nn.Module) -> None:
     _, _, x_test, y_test = datasets.load(args.data_dir)
     correct = seen = 0
     for images, labels in datasets.batches(x_test.reshape(len(x_test), -1), y_test, args.batch_size, False):
-        inputs = [samba.from_torch_tensor(images, name="image", batch_dim=0),
-                  samba.from_torch_tensor(labels, name="label", batch_dim=0)]
+        inputs = [
+            samba.from_torch_tensor(images, name="image", batch_dim=0),
+            samba.from_torch_tensor(labels, name="label", batch_dim=0),
+        ]
         _, outputs = samba.session.run(inputs, model.output_tensors, section_types=["fwd"])
         correct += int((outputs.argmax(dim=1) == labels).sum())
         seen += len(labels)
@@ -89,16 +98,28 @@ def main(argv) -> None:
     utils.set_seed(args.seed)
     model = LogReg(args.num_features, args.num_classes)
     samba.from_torch_model_(model)
-    inputs = (samba.randn(args.batch_size, args.num_features, name="image", batch_dim=0),
-              samba.randint(args.num_classes, (args.batch_size,), name="label", batch_dim=0))
-    optimizer = None if args.inference else samba.optim.SGD(model.parameters(), lr=args.lr,
-                                                             weight_decay=args.weight_decay)
+    inputs = (
+        samba.randn(args.batch_size, args.num_features, name="image", batch_dim=0),
+        samba.randint(args.num_classes, (args.batch_size,), name="label", batch_dim=0),
+    )
+    optimizer = (
+        None
+        if args.inference
+        else samba.optim.SGD(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    )
     if args.command == "run":
         utils.trace_graph(model, inputs, optimizer, pef=args.pef, init_output_grads=not args.inference)
         evaluate_on_device(args, model) if args.inference else train(args, model)
     else:
-        common_app_driver(args, model, inputs, optimizer, name="logreg", init_output_grads=not args.inference,
-                          app_dir=utils.get_file_dir(__file__))
+        common_app_driver(
+            args,
+            model,
+            inputs,
+            optimizer,
+            name="logreg",
+            init_output_grads=not args.inference,
+            app_dir=utils.get_file_dir(__file__),
+        )
 
 
 if __name__ == "__main__":

@@ -30,11 +30,21 @@ def pef_path_for(name: str, config: dict[str, Any], inference: bool) -> str:
     return os.path.join(folder, pef_name, f"{pef_name}.pef")
 
 
-def compile_pef(model: nn.Module, inputs: Sequence[torch.Tensor], optim: Any, name: str | None = None,
-                app_dir: str | None = None, config_dict: dict[str, Any] | None = None,
-                pef_metadata: dict[str, Any] | None = None, init_output_grads: bool = True,
-                inference: bool = False, squeeze_bs_dim: bool = False, loss_indices: Sequence[int] | None = None,
-                backend: str | None = None, **_: Any) -> str:
+def compile_pef(
+    model: nn.Module,
+    inputs: Sequence[torch.Tensor],
+    optim: Any,
+    name: str | None = None,
+    app_dir: str | None = None,
+    config_dict: dict[str, Any] | None = None,
+    pef_metadata: dict[str, Any] | None = None,
+    init_output_grads: bool = True,
+    inference: bool = False,
+    squeeze_bs_dim: bool = False,
+    loss_indices: Sequence[int] | None = None,
+    backend: str | None = None,
+    **_: Any,
+) -> str:
     """Trace and compile `model`'s step (forward only with `inference`) into a PEF; return its path."""
     config = dict(config_dict or {})
     name = name or type(model).__name__
@@ -51,29 +61,49 @@ def compile_pef(model: nn.Module, inputs: Sequence[torch.Tensor], optim: Any, na
     header = _header(name, chosen, config, pef_metadata, inference, init_output_grads, app_dir)
     main = graphs.get("train", graphs["inference"]).graph
     write_pef(path, header, graphs, main.as_text())
-    log.note(f"wrote {path} ({os.path.getsize(path) / 1024:.0f} KiB) in {time.perf_counter() - started:.1f} s")
+    log.note(
+        f"wrote {path} ({os.path.getsize(path) / 1024:.0f} KiB) in {time.perf_counter() - started:.1f} s"
+    )
     log.finish(config, main)
     return path
 
 
-def _compiled(model: nn.Module, inputs: Sequence[torch.Tensor], optimizers: list, loss_indices: Any,
-              backend: Any, log: CompileLog) -> CompiledGraph:
+def _compiled(
+    model: nn.Module,
+    inputs: Sequence[torch.Tensor],
+    optimizers: list,
+    loss_indices: Any,
+    backend: Any,
+    log: CompileLog,
+) -> CompiledGraph:
     kind = "training step" if optimizers else "inference graph"
     log.note(f"tracing the {kind} of {type(model).__name__}")
     graph = trace_step(model, inputs, optimizers, loss_indices=loss_indices, backward=bool(optimizers))
     executable = Executable.build(graph, backend)
-    log.note(f"compiling {len(executable.programs)} programs ({', '.join(executable.programs)}) "
-             f"with the {backend.name} backend")
+    log.note(
+        f"compiling {len(executable.programs)} programs ({', '.join(executable.programs)}) "
+        f"with the {backend.name} backend"
+    )
     return CompiledGraph(graph, executable.programs, executable.binaries())
 
 
-def _header(name: str, backend: Any, config: dict[str, Any], metadata: dict[str, Any] | None,
-            inference: bool, init_output_grads: bool, app_dir: str | None) -> dict[str, Any]:
+def _header(
+    name: str,
+    backend: Any,
+    config: dict[str, Any],
+    metadata: dict[str, Any] | None,
+    inference: bool,
+    init_output_grads: bool,
+    app_dir: str | None,
+) -> dict[str, Any]:
     return {
         "name": name,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "producer": {"sambaflow": sambaflow.__version__, "torch": torch.__version__,
-                     "python": platform.python_version()},
+        "producer": {
+            "sambaflow": sambaflow.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
         "target": {"backend": backend.name, "device": getattr(backend, "device", "cpu")},
         "compile_args": jsonable(config),
         "pef_metadata": jsonable(metadata or {}),
@@ -109,8 +139,10 @@ class CompileLog:
     def finish(self, config: dict[str, Any], graph: Any) -> None:
         from sambaflow.app.args import ineffective_arguments
 
-        report = [f"sambaflow {sambaflow.__version__}, torch {torch.__version__}, python {sys.version.split()[0]}",
-                  "arguments: " + json.dumps(jsonable(config), sort_keys=True)]
+        report = [
+            f"sambaflow {sambaflow.__version__}, torch {torch.__version__}, python {sys.version.split()[0]}",
+            "arguments: " + json.dumps(jsonable(config), sort_keys=True),
+        ]
         unused = ineffective_arguments(_namespace(config)) if config else []
         report += [f"NO EFFECT: {line}" for line in unused] or ["every given argument took effect"]
         report += [f"fixed at compile time (not run-time inputs): {note}" for note in graph.baked]

@@ -20,8 +20,9 @@ def _dropout_off(model: nn.Module) -> None:
             module.p = 0.0
 
 
-def gold_step(gold: nn.Module, inputs: Sequence[torch.Tensor], loss_names: list[str],
-              output_names: list[str]) -> list[torch.Tensor]:
+def gold_step(
+    gold: nn.Module, inputs: Sequence[torch.Tensor], loss_names: list[str], output_names: list[str]
+) -> list[torch.Tensor]:
     """Eager forward and loss.backward() on the host model copy."""
     outputs = gold(*[t.as_subclass(torch.Tensor).detach().clone() for t in inputs])
     flat = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
@@ -39,14 +40,21 @@ def test_against_cpu(model: nn.Module, inputs: Sequence[torch.Tensor], tolerance
     training = "bckwd" in graph.sections
     no_dropout = {s.name: 0.0 for s in graph.inputs_with_role(HYPER) if s.name.endswith("__p")}
     session.tracing = False
-    device = session.run(inputs, model.output_tensors, hyperparam_dict=no_dropout or None,
-                         section_types=["fwd", "bckwd"] if training else ["fwd"])
+    device = session.run(
+        inputs,
+        model.output_tensors,
+        hyperparam_dict=no_dropout or None,
+        section_types=["fwd", "bckwd"] if training else ["fwd"],
+    )
     names = [s.name for s in graph.model_outputs]
     expected = gold_step(gold, inputs, graph.loss_names if training else [], names)
     pairs = [(n, d.torch(), e) for n, d, e in zip(names, device, expected)]
     if training:
-        pairs += [(p.sn_name + "__grad", model_param.sn_grad, p.grad)
-                  for p, model_param in zip(gold.parameters(), model.parameters()) if p.grad is not None]
+        pairs += [
+            (p.sn_name + "__grad", model_param.sn_grad, p.grad)
+            for p, model_param in zip(gold.parameters(), model.parameters())
+            if p.grad is not None
+        ]
     return all(_report(name, got, want, tolerance) for name, got, want in pairs)
 
 

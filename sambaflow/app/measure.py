@@ -18,13 +18,19 @@ from sambaflow.runtime.session import session
 def _outputs(model: nn.Module) -> Any:
     outputs = getattr(model, "output_tensors", None)
     if outputs is None or session.executable is None:
-        raise SambaRunError("measurement needs a loaded graph: call utils.trace_graph(model, inputs, optim, "
-                            "pef=...) first")
+        raise SambaRunError(
+            "measurement needs a loaded graph: call utils.trace_graph(model, inputs, optim, pef=...) first"
+        )
     return outputs
 
 
-def _timed_runs(inputs: Sequence[torch.Tensor], outputs: Any, sections: list[str] | None,
-                n_iterations: int, min_duration: float | None) -> list[float]:
+def _timed_runs(
+    inputs: Sequence[torch.Tensor],
+    outputs: Any,
+    sections: list[str] | None,
+    n_iterations: int,
+    min_duration: float | None,
+) -> list[float]:
     times: list[float] = []
     started = time.perf_counter()
     while len(times) < n_iterations or (min_duration and time.perf_counter() - started < min_duration):
@@ -34,11 +40,22 @@ def _timed_runs(inputs: Sequence[torch.Tensor], outputs: Any, sections: list[str
     return times
 
 
-def measure_performance(model: nn.Module, inputs: Sequence[torch.Tensor], batch_size: int, n_chips: int = 1,
-                        inference: bool = False, run_graph_only: bool = True, n_iterations: int = 100,
-                        json: str | None = None, data_parallel: bool = False, reduce_on_rdu: bool = False,
-                        use_sambaloader: bool = False, min_duration: float | None = None,
-                        world_size: int = 1, **_: Any) -> tuple[float, float]:
+def measure_performance(
+    model: nn.Module,
+    inputs: Sequence[torch.Tensor],
+    batch_size: int,
+    n_chips: int = 1,
+    inference: bool = False,
+    run_graph_only: bool = True,
+    n_iterations: int = 100,
+    json: str | None = None,
+    data_parallel: bool = False,
+    reduce_on_rdu: bool = False,
+    use_sambaloader: bool = False,
+    min_duration: float | None = None,
+    world_size: int = 1,
+    **_: Any,
+) -> tuple[float, float]:
     """One untimed warm-up run, then `n_iterations` timed whole steps. Returns (samples/s, s/step)."""
     if n_iterations < 1:
         raise SambaArgumentError(f"n_iterations must be at least 1, got {n_iterations}")
@@ -52,21 +69,39 @@ def measure_performance(model: nn.Module, inputs: Sequence[torch.Tensor], batch_
     duration = sum(times)
     latency = duration / len(times)
     throughput = len(times) * batch_size * world_size / duration
-    print(f"e2e_throughput: {throughput:.2f} samples/s, measured over {len(times)} iterations. "
-          f"Average latency: {latency:.6f} s.")
+    print(
+        f"e2e_throughput: {throughput:.2f} samples/s, measured over {len(times)} iterations. "
+        f"Average latency: {latency:.6f} s."
+    )
     print(f"e2e_latency: {latency:.6f} s")
     print(f"total duration: {duration:.4f} s")
     if json:
-        _write_json(json, {"throughput": throughput, "latency": latency, "n_iterations": len(times),
-                           "batch_size": batch_size, "world_size": world_size, "duration": duration,
-                           "median_step_s": statistics.median(times), "inference": inference,
-                           "backend": session.executable.backend.name})
+        _write_json(
+            json,
+            {
+                "throughput": throughput,
+                "latency": latency,
+                "n_iterations": len(times),
+                "batch_size": batch_size,
+                "world_size": world_size,
+                "duration": duration,
+                "median_step_s": statistics.median(times),
+                "inference": inference,
+                "backend": session.executable.backend.name,
+            },
+        )
     return throughput, latency
 
 
-def measure_sections(model: nn.Module, inputs: Sequence[torch.Tensor], num_sections: int | None = None,
-                     n_iterations: int = 100, batch_size: int | None = None, json: str | None = None,
-                     **_: Any) -> dict[str, float]:
+def measure_sections(
+    model: nn.Module,
+    inputs: Sequence[torch.Tensor],
+    num_sections: int | None = None,
+    n_iterations: int = 100,
+    batch_size: int | None = None,
+    json: str | None = None,
+    **_: Any,
+) -> dict[str, float]:
     """Median time of each section run on its own, and of the fused whole step, in seconds."""
     outputs = _outputs(model)
     sections = list(session.executable.sections)

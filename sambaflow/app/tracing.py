@@ -32,10 +32,19 @@ def optimizer_list(optim: SambaOptimizer | Sequence[SambaOptimizer] | None) -> l
     return [optim]
 
 
-def trace_graph(model: nn.Module, inputs: Sequence[torch.Tensor], optim: Any = None,
-                init_output_grads: bool = True, loss_indices: Sequence[int] | None = None,
-                pef: str | None = "", mapping: str = "section", data_parallel_mode: str = "normal",
-                transfer_device: bool = True, backend: str = "reference", **_: Any) -> list[SambaTensor]:
+def trace_graph(
+    model: nn.Module,
+    inputs: Sequence[torch.Tensor],
+    optim: Any = None,
+    init_output_grads: bool = True,
+    loss_indices: Sequence[int] | None = None,
+    pef: str | None = "",
+    mapping: str = "section",
+    data_parallel_mode: str = "normal",
+    transfer_device: bool = True,
+    backend: str = "reference",
+    **_: Any,
+) -> list[SambaTensor]:
     """Trace `model` (forward, backward and `optim`'s update) and load it into the session.
 
     With `pef`, the traced graph is checked against the PEF and the PEF's compiled programs run;
@@ -49,7 +58,9 @@ def trace_graph(model: nn.Module, inputs: Sequence[torch.Tensor], optim: Any = N
         optimizers = []
     traced = trace_step(model, inputs, optimizers, loss_indices=loss_indices, backward=bool(optimizers))
     session.trace_count += 1
-    executable = _from_pef(pef_file, traced, bool(optimizers)) if pef_file else Executable.build(traced, backend)
+    executable = (
+        _from_pef(pef_file, traced, bool(optimizers)) if pef_file else Executable.build(traced, backend)
+    )
     outputs = session.load(executable, model, optimizers, init_output_grads)
     model.output_tensors = outputs
     return outputs
@@ -69,10 +80,14 @@ def _from_pef(pef: PefFile, traced: TracedGraph, training: bool) -> Executable:
 def _backend_for(pef: PefFile, path: str) -> Any:
     target = pef.manifest.get("target", {})
     if target.get("device") == "cuda" and not torch.cuda.is_available():
-        raise SambaPefError(f"'{path}' was compiled for CUDA ({target.get('backend')} backend) and this "
-                            "machine has no usable GPU: run it on a GPU machine or recompile here")
+        raise SambaPefError(
+            f"'{path}' was compiled for CUDA ({target.get('backend')} backend) and this "
+            "machine has no usable GPU: run it on a GPU machine or recompile here"
+        )
     produced_by = pef.manifest.get("producer", {}).get("torch")
     if target.get("backend") != "reference" and produced_by != torch.__version__:
-        raise SambaPefError(f"'{path}' holds {target.get('backend')} binaries built with torch {produced_by}; "
-                            f"this is torch {torch.__version__}: recompile the PEF with this torch")
+        raise SambaPefError(
+            f"'{path}' holds {target.get('backend')} binaries built with torch {produced_by}; "
+            f"this is torch {torch.__version__}: recompile the PEF with this torch"
+        )
     return get_backend(target.get("backend", "reference"))

@@ -9,7 +9,9 @@ from sambaflow.pef.manifest import fingerprint, spec_from_json
 from sambaflow.trace.graph import HYPER, INPUT, OUTPUT, PARAM, STATE, TensorSpec, TracedGraph
 
 
-def check_matches(traced: TracedGraph, entry: dict[str, Any], path: str, compile_args: dict[str, Any]) -> None:
+def check_matches(
+    traced: TracedGraph, entry: dict[str, Any], path: str, compile_args: dict[str, Any]
+) -> None:
     """Raise SambaPefError listing every way `traced` differs from the PEF's graph `entry`."""
     compiled = [spec_from_json(s) for s in entry["inputs"]] + [spec_from_json(s) for s in entry["outputs"]]
     current = traced.inputs + traced.outputs
@@ -20,14 +22,21 @@ def check_matches(traced: TracedGraph, entry: dict[str, Any], path: str, compile
     problems += _role_differences(compiled, current, HYPER, "run-time hyperparameters (optimizer or dropout)")
     problems += _role_differences(compiled, current, OUTPUT, "model outputs")
     if traced.baked != entry["baked"]:
-        problems.append(f"optimizer settings fixed at compile time differ: PEF {entry['baked']}, app {traced.baked}")
+        problems.append(
+            f"optimizer settings fixed at compile time differ: PEF {entry['baked']}, app {traced.baked}"
+        )
     if not problems and fingerprint(traced) != entry["fingerprint"]:
-        problems.append("the model's computation differs from the compiled one (forward() or a module "
-                        "changed, or a different torch version traces it differently)")
+        problems.append(
+            "the model's computation differs from the compiled one (forward() or a module "
+            "changed, or a different torch version traces it differently)"
+        )
     if problems:
-        raise SambaPefError(f"'{path}' does not match the app:\n  - " + "\n  - ".join(problems)
-                            + "\nRecompile the PEF with the app as it is now, or run it with the "
-                            "arguments it was compiled with.")
+        raise SambaPefError(
+            f"'{path}' does not match the app:\n  - "
+            + "\n  - ".join(problems)
+            + "\nRecompile the PEF with the app as it is now, or run it with the "
+            "arguments it was compiled with."
+        )
 
 
 def _batch_size(compiled: list[TensorSpec], current: list[TensorSpec], args: dict[str, Any]) -> list[str]:
@@ -38,8 +47,10 @@ def _batch_size(compiled: list[TensorSpec], current: list[TensorSpec], args: dic
             continue
         if _only_batch_differs(old, new):
             dim = old.batch_dim
-            return [f"compiled with batch size {old.shape[dim]}, the app now traces {new.shape[dim]} "
-                    f"(input '{old.name}'): recompile, or pass -b {old.shape[dim]}"]
+            return [
+                f"compiled with batch size {old.shape[dim]}, the app now traces {new.shape[dim]} "
+                f"(input '{old.name}'): recompile, or pass -b {old.shape[dim]}"
+            ]
     return []
 
 
@@ -50,18 +61,24 @@ def _only_batch_differs(old: TensorSpec, new: TensorSpec) -> bool:
     return all(a == b for i, (a, b) in enumerate(zip(old.shape, new.shape)) if i != dim)
 
 
-def _role_differences(compiled: list[TensorSpec], current: list[TensorSpec], role: str, what: str) -> list[str]:
+def _role_differences(
+    compiled: list[TensorSpec], current: list[TensorSpec], role: str, what: str
+) -> list[str]:
     old = {s.name: s for s in compiled if s.role == role}
     new = {s.name: s for s in current if s.role == role}
     problems = []
     only_old, only_new = sorted(set(old) - set(new)), sorted(set(new) - set(old))
     if only_old or only_new:
-        problems.append(f"{what}: the PEF has {only_old or 'nothing'} that the app lacks; the app has "
-                        f"{only_new or 'nothing'} that the PEF lacks")
+        problems.append(
+            f"{what}: the PEF has {only_old or 'nothing'} that the app lacks; the app has "
+            f"{only_new or 'nothing'} that the PEF lacks"
+        )
     for name in sorted(set(old) & set(new)):
         a, b = old[name], new[name]
         if a.shape != b.shape and not _only_batch_differs(a, b):
-            problems.append(f"{what}: '{name}' has shape {list(a.shape)} in the PEF, {list(b.shape)} in the app")
+            problems.append(
+                f"{what}: '{name}' has shape {list(a.shape)} in the PEF, {list(b.shape)} in the app"
+            )
         if a.dtype != b.dtype:
             problems.append(f"{what}: '{name}' is {a.dtype} in the PEF, {b.dtype} in the app")
     return problems

@@ -18,12 +18,28 @@ from torch import fx, nn
 from sambaflow.errors import SambaPefError
 
 _OPERATORS = {"operator.getitem": operator.getitem}
-_DTYPES = {str(d).removeprefix("torch."): d for d in (
-    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.int16, torch.int32,
-    torch.int64, torch.uint8, torch.bool, torch.complex64, torch.complex128)}
+_DTYPES = {
+    str(d).removeprefix("torch."): d
+    for d in (
+        torch.float32,
+        torch.float64,
+        torch.float16,
+        torch.bfloat16,
+        torch.int8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
+        torch.uint8,
+        torch.bool,
+        torch.complex64,
+        torch.complex128,
+    )
+}
 _LAYOUTS = {"strided": torch.strided, "sparse_coo": torch.sparse_coo}
-_FORMATS = {str(f).removeprefix("torch."): f for f in (
-    torch.contiguous_format, torch.channels_last, torch.preserve_format, torch.channels_last_3d)}
+_FORMATS = {
+    str(f).removeprefix("torch."): f
+    for f in (torch.contiguous_format, torch.channels_last, torch.preserve_format, torch.channels_last_3d)
+}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -40,7 +56,9 @@ def dtype_from_name(name: str) -> torch.dtype:
 def encode_graph(module: fx.GraphModule) -> dict[str, Any]:
     """JSON-ready description of `module`'s graph and its tensor constants."""
     nodes = [_encode_node(node) for node in module.graph.nodes]
-    constants = {n.target: _encode_tensor(_attr(module, n.target)) for n in module.graph.nodes if n.op == "get_attr"}
+    constants = {
+        n.target: _encode_tensor(_attr(module, n.target)) for n in module.graph.nodes if n.op == "get_attr"
+    }
     return {"nodes": nodes, "constants": constants}
 
 
@@ -52,8 +70,13 @@ def _attr(module: nn.Module, target: str) -> torch.Tensor:
 
 
 def _encode_node(node: fx.Node) -> dict[str, Any]:
-    entry: dict[str, Any] = {"name": node.name, "op": node.op, "target": _target_name(node),
-                             "args": _encode(node.args), "kwargs": _encode(dict(node.kwargs))}
+    entry: dict[str, Any] = {
+        "name": node.name,
+        "op": node.op,
+        "target": _target_name(node),
+        "args": _encode(node.args),
+        "kwargs": _encode(dict(node.kwargs)),
+    }
     if "section" in node.meta:
         entry["section"] = node.meta["section"]
     return entry
@@ -63,7 +86,9 @@ def _target_name(node: fx.Node) -> str:
     if node.op in ("placeholder", "output", "get_attr"):
         return str(node.target)
     if isinstance(node.target, torch._ops.OpOverload):
-        return f"{node.target.namespace}.{node.target._schema.name.split('::')[-1]}.{node.target._overloadname}"
+        return (
+            f"{node.target.namespace}.{node.target._schema.name.split('::')[-1]}.{node.target._overloadname}"
+        )
     name = f"{node.target.__module__.replace('_operator', 'operator')}.{node.target.__name__}"
     if name not in _OPERATORS:
         raise SambaPefError(f"cannot store graph node '{node.name}': target {node.target} is not an ATen op")
@@ -99,7 +124,11 @@ def _encode_torch_value(value: Any) -> Any:
 def _encode_tensor(tensor: torch.Tensor) -> dict[str, Any]:
     data = tensor.detach().cpu().contiguous()
     raw = data.view(torch.uint8).numpy().tobytes() if data.numel() else b""
-    return {"dtype": dtype_name(data.dtype), "shape": list(data.shape), "data": base64.b64encode(raw).decode()}
+    return {
+        "dtype": dtype_name(data.dtype),
+        "shape": list(data.shape),
+        "data": base64.b64encode(raw).decode(),
+    }
 
 
 # --- decoding -------------------------------------------------------------------------------------
@@ -110,7 +139,9 @@ def decode_graph(encoded: dict[str, Any]) -> fx.GraphModule:
     except SambaPefError:
         raise
     except Exception as exc:  # malformed JSON structure
-        raise SambaPefError(f"the PEF's graph description is malformed ({type(exc).__name__}: {exc})") from None
+        raise SambaPefError(
+            f"the PEF's graph description is malformed ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 def _decode_graph(encoded: dict[str, Any]) -> fx.GraphModule:
@@ -133,8 +164,9 @@ def _decode_node(graph: fx.Graph, entry: dict[str, Any], env: dict[str, fx.Node]
     elif op == "output":
         node = graph.output(_decode(entry["args"], env)[0])
     elif op == "call_function":
-        node = graph.call_function(resolve_target(entry["target"]), _decode(entry["args"], env),
-                                   _decode(entry["kwargs"], env))
+        node = graph.call_function(
+            resolve_target(entry["target"]), _decode(entry["args"], env), _decode(entry["kwargs"], env)
+        )
     else:
         raise SambaPefError(f"graph node '{entry.get('name')}' has unsupported kind '{op}'")
     node.name = entry["name"]
@@ -153,8 +185,10 @@ def resolve_target(name: str) -> Any:
     try:
         return getattr(getattr(getattr(torch.ops, namespace), packet), overload)
     except (AttributeError, RuntimeError):
-        raise SambaPefError(f"graph op '{name}' does not exist in torch {torch.__version__}: "
-                            "recompile the PEF with this torch version") from None
+        raise SambaPefError(
+            f"graph op '{name}' does not exist in torch {torch.__version__}: "
+            "recompile the PEF with this torch version"
+        ) from None
 
 
 def _decode(value: Any, env: dict[str, fx.Node]) -> Any:
@@ -174,8 +208,13 @@ def _decode_tagged(kind: str, inner: Any, env: dict[str, fx.Node]) -> Any:
         return items if kind == "list" else tuple(items)
     if kind == "dict":
         return {k: _decode(v, env) for k, v in inner.items()}
-    simple = {"float": float, "dtype": dtype_from_name, "device": torch.device,
-              "layout": _LAYOUTS.__getitem__, "memory_format": _FORMATS.__getitem__}
+    simple = {
+        "float": float,
+        "dtype": dtype_from_name,
+        "device": torch.device,
+        "layout": _LAYOUTS.__getitem__,
+        "memory_format": _FORMATS.__getitem__,
+    }
     if kind not in simple:
         raise SambaPefError(f"unknown value tag '{kind}' in the PEF's graph")
     return simple[kind](inner)

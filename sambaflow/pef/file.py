@@ -36,7 +36,9 @@ def write_pef(path: str, header: dict[str, Any], graphs: dict[str, CompiledGraph
         entry = graph_entry(compiled.graph)
         entry["programs"] = {}
         for name, program in compiled.programs.items():
-            entry["programs"][name] = _program_members(kind, name, program, compiled.binaries.get(name), members)
+            entry["programs"][name] = _program_members(
+                kind, name, program, compiled.binaries.get(name), members
+            )
         manifest["graphs"][kind] = entry
     manifest["members"] = {name: _sha256(data) for name, data in members.items()}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -48,8 +50,9 @@ def write_pef(path: str, header: dict[str, Any], graphs: dict[str, CompiledGraph
     os.replace(temporary, path)  # never leave a half-written PEF under the real name
 
 
-def _program_members(kind: str, name: str, program: SectionProgram, binary: bytes | None,
-                     members: dict[str, bytes]) -> dict[str, Any]:
+def _program_members(
+    kind: str, name: str, program: SectionProgram, binary: bytes | None, members: dict[str, bytes]
+) -> dict[str, Any]:
     graph_member = f"graphs/{kind}/{name}.json"
     members[graph_member] = json.dumps(encode_graph(program.module), sort_keys=True).encode()
     entry = {"inputs": program.inputs, "outputs": program.outputs, "graph": graph_member, "binary": None}
@@ -94,14 +97,17 @@ class PefFile:
 
 def _read_verified(path: str) -> tuple[dict[str, Any], dict[str, bytes]]:
     if not os.path.isfile(path):
-        raise SambaPefError(f"PEF file '{path}' does not exist: compile first "
-                            "(python app.py compile ...) or fix the -p/--pef path")
+        raise SambaPefError(
+            f"PEF file '{path}' does not exist: compile first "
+            "(python app.py compile ...) or fix the -p/--pef path"
+        )
     try:
         with zipfile.ZipFile(path) as archive:
             contents = {name: archive.read(name) for name in archive.namelist()}
     except Exception as exc:  # zipfile, zlib and OS errors alike: a damaged file, never a crash
-        raise SambaPefError(f"'{path}' is not a readable PEF (damaged, truncated or not a zip file: "
-                            f"{exc}). Recompile it.") from None
+        raise SambaPefError(
+            f"'{path}' is not a readable PEF (damaged, truncated or not a zip file: {exc}). Recompile it."
+        ) from None
     if MANIFEST not in contents:
         raise SambaPefError(f"'{path}' has no {MANIFEST}: it is not a PEF written by sambaflow")
     manifest = _json(contents.pop(MANIFEST), f"{path}:{MANIFEST}")
@@ -119,19 +125,24 @@ def _json(data: bytes, where: str) -> Any:
 
 def _check_format(manifest: Any, path: str) -> None:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise SambaPefError(f"'{path}' is not a sambaflow PEF (manifest format is "
-                            f"{manifest.get('format') if isinstance(manifest, dict) else None!r})")
+        raise SambaPefError(
+            f"'{path}' is not a sambaflow PEF (manifest format is "
+            f"{manifest.get('format') if isinstance(manifest, dict) else None!r})"
+        )
     version = manifest.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise SambaPefError(
             f"'{path}' has PEF format version {version}, written by sambaflow "
             f"{manifest.get('producer', {}).get('sambaflow', '?')}; this sambaflow reads format versions up "
-            f"to {FORMAT_VERSION}. Upgrade sambaflow or recompile the PEF with this version.")
+            f"to {FORMAT_VERSION}. Upgrade sambaflow or recompile the PEF with this version."
+        )
     if not isinstance(manifest.get("graphs"), dict) or not manifest["graphs"]:
         raise SambaPefError(f"'{path}': the manifest lists no graphs; the PEF is damaged, recompile it")
     if version < FORMAT_VERSION:
-        raise SambaPefError(f"'{path}' has the older PEF format version {version}; this sambaflow "
-                            f"reads version {FORMAT_VERSION}. Recompile the PEF.")
+        raise SambaPefError(
+            f"'{path}' has the older PEF format version {version}; this sambaflow "
+            f"reads version {FORMAT_VERSION}. Recompile the PEF."
+        )
 
 
 def _check_members(manifest: dict[str, Any], contents: dict[str, bytes], path: str) -> None:
@@ -141,5 +152,6 @@ def _check_members(manifest: dict[str, Any], contents: dict[str, bytes], path: s
         raise SambaPefError(f"'{path}' is missing members {missing}: the file is incomplete, recompile it")
     damaged = sorted(name for name, digest in expected.items() if _sha256(contents[name]) != digest)
     if damaged:
-        raise SambaPefError(f"'{path}': members {damaged} fail their checksum: the file is damaged, "
-                            "recompile it")
+        raise SambaPefError(
+            f"'{path}': members {damaged} fail their checksum: the file is damaged, recompile it"
+        )

@@ -22,16 +22,22 @@ def _tensor_lines(entries: list[dict[str, Any]]) -> list[str]:
 
 
 def _graph_lines(kind: str, entry: dict[str, Any]) -> list[str]:
-    lines = [f"graph '{kind}': sections {', '.join(entry['sections'])}; {entry['node_count']} nodes; "
-             f"fingerprint {entry['fingerprint'][:16]}"]
+    lines = [
+        f"graph '{kind}': sections {', '.join(entry['sections'])}; {entry['node_count']} nodes; "
+        f"fingerprint {entry['fingerprint'][:16]}"
+    ]
     order = ["step", "fwd", "bckwd", "gradnorm", "opt"]
     for name, program in sorted(entry["programs"].items(), key=lambda item: order.index(item[0])):
         binary = f", binary {program['binary']}" if program["binary"] else ""
-        lines.append(f"  program {name:9s} {len(program['inputs']):3d} inputs -> "
-                     f"{len(program['outputs']):3d} outputs{binary}")
+        lines.append(
+            f"  program {name:9s} {len(program['inputs']):3d} inputs -> "
+            f"{len(program['outputs']):3d} outputs{binary}"
+        )
     if entry["hyper_defaults"]:
-        lines.append("  hyperparameters (run-time inputs): "
-                     + ", ".join(f"{k}={v:g}" for k, v in entry["hyper_defaults"].items()))
+        lines.append(
+            "  hyperparameters (run-time inputs): "
+            + ", ".join(f"{k}={v:g}" for k, v in entry["hyper_defaults"].items())
+        )
     if entry["loss_names"]:
         lines.append(f"  losses: {', '.join(entry['loss_names'])}")
     lines.append("  inputs:")
@@ -45,11 +51,14 @@ def describe(path: str) -> str:
     pef = PefFile(path)
     m = pef.manifest
     producer = m.get("producer", {})
-    lines = [f"PEF {path}", f"  name: {m.get('name')}   created: {m.get('created')}",
-             f"  format version {m['format_version']}; sambaflow {producer.get('sambaflow')}, torch "
-             f"{producer.get('torch')}, python {producer.get('python')}",
-             f"  target: backend {m['target']['backend']} on {m['target']['device']}; "
-             f"inference-only: {m.get('inference')}"]
+    lines = [
+        f"PEF {path}",
+        f"  name: {m.get('name')}   created: {m.get('created')}",
+        f"  format version {m['format_version']}; sambaflow {producer.get('sambaflow')}, torch "
+        f"{producer.get('torch')}, python {producer.get('python')}",
+        f"  target: backend {m['target']['backend']} on {m['target']['device']}; "
+        f"inference-only: {m.get('inference')}",
+    ]
     args = m.get("compile_args") or {}
     if args:
         lines.append("  compile args: " + ", ".join(f"{k}={v}" for k, v in sorted(args.items())))

@@ -14,32 +14,56 @@ FORMAT_VERSION = 1
 
 
 def spec_to_json(spec: TensorSpec) -> dict[str, Any]:
-    return {"name": spec.name, "role": spec.role, "shape": list(spec.shape), "dtype": dtype_name(spec.dtype),
-            "batch_dim": spec.batch_dim}
+    return {
+        "name": spec.name,
+        "role": spec.role,
+        "shape": list(spec.shape),
+        "dtype": dtype_name(spec.dtype),
+        "batch_dim": spec.batch_dim,
+    }
 
 
 def spec_from_json(entry: dict[str, Any]) -> TensorSpec:
-    return TensorSpec(entry["name"], entry["role"], tuple(entry["shape"]), dtype_from_name(entry["dtype"]),
-                      entry.get("batch_dim"))
+    return TensorSpec(
+        entry["name"],
+        entry["role"],
+        tuple(entry["shape"]),
+        dtype_from_name(entry["dtype"]),
+        entry.get("batch_dim"),
+    )
 
 
 def fingerprint(graph: TracedGraph) -> str:
     """Hash of the step's computation and its named inputs and outputs."""
-    payload = {"graph": encode_graph(graph.module), "inputs": [spec_to_json(s) for s in graph.inputs],
-               "outputs": [spec_to_json(s) for s in graph.outputs]}
+    payload = {
+        "graph": encode_graph(graph.module),
+        "inputs": [spec_to_json(s) for s in graph.inputs],
+        "outputs": [spec_to_json(s) for s in graph.outputs],
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 def graph_entry(graph: TracedGraph) -> dict[str, Any]:
     """Manifest entry of one graph (programs are added by the writer)."""
-    return {"inputs": [spec_to_json(s) for s in graph.inputs],
-            "outputs": [spec_to_json(s) for s in graph.outputs],
-            "sections": list(graph.sections), "loss_names": list(graph.loss_names),
-            "hyper_defaults": dict(graph.hyper_defaults), "baked": list(graph.baked),
-            "fingerprint": fingerprint(graph), "node_count": len(graph.module.graph.nodes)}
+    return {
+        "inputs": [spec_to_json(s) for s in graph.inputs],
+        "outputs": [spec_to_json(s) for s in graph.outputs],
+        "sections": list(graph.sections),
+        "loss_names": list(graph.loss_names),
+        "hyper_defaults": dict(graph.hyper_defaults),
+        "baked": list(graph.baked),
+        "fingerprint": fingerprint(graph),
+        "node_count": len(graph.module.graph.nodes),
+    }
 
 
 def graph_from_entry(entry: dict[str, Any], module: Any) -> TracedGraph:
-    return TracedGraph(module, [spec_from_json(s) for s in entry["inputs"]],
-                       [spec_from_json(s) for s in entry["outputs"]], list(entry["sections"]),
-                       list(entry["loss_names"]), dict(entry["hyper_defaults"]), list(entry["baked"]))
+    return TracedGraph(
+        module,
+        [spec_from_json(s) for s in entry["inputs"]],
+        [spec_from_json(s) for s in entry["outputs"]],
+        list(entry["sections"]),
+        list(entry["loss_names"]),
+        dict(entry["hyper_defaults"]),
+        list(entry["baked"]),
+    )

@@ -35,10 +35,13 @@ class Executable:
         return Executable(graph, chosen, programs_of(graph))
 
     @staticmethod
-    def from_binaries(graph: TracedGraph, backend: Backend, programs: dict[str, SectionProgram],
-                      binaries: dict[str, bytes]) -> Executable:
+    def from_binaries(
+        graph: TracedGraph, backend: Backend, programs: dict[str, SectionProgram], binaries: dict[str, bytes]
+    ) -> Executable:
         """Programs read from a PEF: load what the backend compiled ahead of time, compile nothing."""
-        compiled = {name: backend.load(program, binaries.get(name, b"")) for name, program in programs.items()}
+        compiled = {
+            name: backend.load(program, binaries.get(name, b"")) for name, program in programs.items()
+        }
         return Executable(graph, backend, programs, compiled)
 
     def binaries(self) -> dict[str, bytes]:
@@ -55,7 +58,9 @@ class Executable:
 
     def program(self, name: str) -> tuple[SectionProgram, CompiledProgram]:
         if name not in self.compiled:
-            twin = next((n for n, p in self.programs.items() if p is self.programs[name] and n in self.compiled), None)
+            twin = next(
+                (n for n, p in self.programs.items() if p is self.programs[name] and n in self.compiled), None
+            )
             self.compiled[name] = self.compiled[twin] if twin else self.backend.compile(self.programs[name])
         return self.programs[name], self.compiled[name]
 

@@ -22,9 +22,11 @@ def resolve_sections(section_types: Sequence[str] | str | None, compiled: list[s
     for raw in section_types:
         name = SECTION_ALIASES.get(str(raw).lower())
         if name in ("bckwd", "gradnorm", "opt") and compiled == ["fwd"]:
-            raise SambaRunError(f"section_types: {raw!r} asks to train, but this graph is forward-only "
-                                "(compiled with --inference, or traced without an optimizer): recompile "
-                                "without --inference and trace with an optimizer to train")
+            raise SambaRunError(
+                f"section_types: {raw!r} asks to train, but this graph is forward-only "
+                "(compiled with --inference, or traced without an optimizer): recompile "
+                "without --inference and trace with an optimizer to train"
+            )
         if name not in compiled:
             raise SambaRunError(
                 f"section_types: unknown section {raw!r}; this graph has sections "

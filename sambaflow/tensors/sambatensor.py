@@ -98,8 +98,9 @@ class SambaTensor(torch.Tensor):
     def __deepcopy__(self, memo: dict) -> SambaTensor:
         if id(self) not in memo:
             clone = self.torch().detach().clone(memory_format=torch.preserve_format)
-            memo[id(self)] = SambaTensor(clone, name=self.sn_name, batch_dim=self.batch_dim,
-                                         requires_grad=self.requires_grad)
+            memo[id(self)] = SambaTensor(
+                clone, name=self.sn_name, batch_dim=self.batch_dim, requires_grad=self.requires_grad
+            )
         return memo[id(self)]
 
     def __reduce_ex__(self, protocol: int) -> Any:

@@ -29,7 +29,8 @@ class ModuleWatch:
 
     paths: dict[int, str]
     stack: list[str] = field(default_factory=list)
-    producer: dict[int, tuple[str, int]] = field(default_factory=dict)
+    # id -> (path, index, tensor): holding the tensor keeps its id from being reused
+    producer: dict[int, tuple[str, int, torch.Tensor]] = field(default_factory=dict)
 
     def pre(self, module: nn.Module, args: Any) -> None:
         self.stack.append(self.paths.get(id(module), type(module).__name__.lower()))
@@ -40,7 +41,7 @@ class ModuleWatch:
             return
         for index, value in enumerate(torch.utils._pytree.tree_leaves(output)):
             if isinstance(value, torch.Tensor):
-                self.producer.setdefault(id(value), (path, index))
+                self.producer.setdefault(id(value), (path, index, value))
 
     @property
     def current(self) -> str:

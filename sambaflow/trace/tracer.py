@@ -109,7 +109,7 @@ def _flatten_outputs(result: Any, model: nn.Module) -> list[torch.Tensor]:
 def _output_names(outputs: list[torch.Tensor], watch: Any, model: nn.Module) -> list[str]:
     names: list[str] = []
     for i, value in enumerate(outputs):
-        path, index = watch.producer.get(id(value), (type(model).__name__.lower(), i))
+        path, index, _ = watch.producer.get(id(value), (type(model).__name__.lower(), i, None))
         name = f"{path.replace('.', '__')}__outputs__{index}"
         names.append(name if name not in names else f"{name}__{i}")
     return names

@@ -3,4 +3,11 @@
 from sambaflow.app.measure import measure_performance, measure_sections
 from sambaflow.samba.utils.utils import assert_close, get_file_dir, set_seed, trace_graph
 
-__all__ = ["assert_close", "get_file_dir", "measure_performance", "measure_sections", "set_seed", "trace_graph"]
+__all__ = [
+    "assert_close",
+    "get_file_dir",
+    "measure_performance",
+    "measure_sections",
+    "set_seed",
+    "trace_graph",
+]
