@@ -157,7 +157,7 @@ class Session:
         if "bckwd" in sections:
             feeds |= self._seeds(output_tensors, grad_of_outputs)
         self._check_saved(sections)
-        self.store.update((n, torch.tensor(v, dtype=torch.float64)) for n, v in hyper.items())
+        self._set_hyperparameters(hyper)
         self.store.update(feeds)
         staged: dict[str, torch.Tensor] = {}
         for name in [FULL_STEP] if sections == executable.sections else sections:
@@ -165,9 +165,15 @@ class Session:
         self.store.update(staged)
         return self._outputs()
 
+    def _set_hyperparameters(self, values: dict[str, float]) -> None:
+        for name, value in values.items():
+            if float(self.store[name]) != value:  # apps pass the same dict every step
+                self.store[name] = torch.tensor(value, dtype=torch.float64)
+
     def _outputs(self) -> list[SambaTensor]:
         specs = self.executable.graph.model_outputs
-        return [SambaTensor(self.store.get(s.name, _empty(s)), name=s.name) for s in specs]
+        store = self.store
+        return [SambaTensor(store[s.name] if s.name in store else _empty(s), name=s.name) for s in specs]
 
     def _seeds(
         self, outputs: Sequence[torch.Tensor] | None, grads: Sequence[Any] | None

@@ -57,12 +57,19 @@ class TracedGraph:
     hyper_defaults: dict[str, float] = field(default_factory=dict)
     baked: list[str] = field(default_factory=list)
 
+    _by_role: dict[tuple[str, ...], list[TensorSpec]] = field(default_factory=dict, repr=False)
+
     @property
     def model_outputs(self) -> list[TensorSpec]:
-        return [spec for spec in self.outputs if spec.role == OUTPUT]
+        if ("__outputs__",) not in self._by_role:
+            self._by_role[("__outputs__",)] = [spec for spec in self.outputs if spec.role == OUTPUT]
+        return self._by_role[("__outputs__",)]
 
     def inputs_with_role(self, *roles: str) -> list[TensorSpec]:
-        return [spec for spec in self.inputs if spec.role in roles]
+        # The run loop asks for these every step; the graph never changes once traced.
+        if roles not in self._by_role:
+            self._by_role[roles] = [spec for spec in self.inputs if spec.role in roles]
+        return self._by_role[roles]
 
     def as_text(self) -> str:
         """The graph, readable: named inputs, ops grouped by section, named outputs."""
