@@ -32,7 +32,7 @@ STANDARD_DEFAULTS = {
     "log_dir": None,
     "debug": False,
     "verbose": False,
-    "backend": "inductor",
+    "backend": None,
     "seed": 0,
 }
 

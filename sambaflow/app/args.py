@@ -130,8 +130,9 @@ def _add_compiler_args(p: argparse.ArgumentParser) -> None:
         g,
         "--backend",
         choices=BACKENDS,
-        default="inductor",
-        help="how sections are compiled: reference (eager ATen) or inductor",
+        default=None,
+        help="how sections are compiled: inductor (C++/Triton) or reference (eager ATen); "
+        "default: $SAMBAFLOW_BACKEND, else inductor",
     )
     _add(g, "--mapping", choices=("section", "spatial"), default="section", help="mapping mode")
     _add(g, "--n-chips", type=positive_int, default=1, help="device chips")

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 from sambaflow.backends.base import Backend, get_backend
 from sambaflow.errors import SambaBackendError
 
 
-def choose_backend(name: str, say: Callable[[str], None]) -> Backend:
+DEFAULT_BACKEND = "inductor"
+BACKEND_VARIABLE = "SAMBAFLOW_BACKEND"
+
+
+def default_backend_name() -> str:
+    """`$SAMBAFLOW_BACKEND`, else inductor (which falls back to reference where it cannot run)."""
+    return os.environ.get(BACKEND_VARIABLE) or DEFAULT_BACKEND
+
+
+def choose_backend(name: str | None, say: Callable[[str], None]) -> Backend:
+    name = name or default_backend_name()
     try:
         backend = get_backend(name)
     except SambaBackendError as exc:

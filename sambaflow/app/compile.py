@@ -51,7 +51,7 @@ def compile_pef(
     inference = bool(inference or config.get("inference"))
     path = pef_path_for(name, config, inference)
     log = CompileLog(path)
-    chosen = choose_backend(backend or config.get("backend") or "reference", log.note)
+    chosen = choose_backend(backend or config.get("backend"), log.note)
     started = time.perf_counter()
     graphs = {}
     optimizers = [] if inference else optimizer_list(optim)
@@ -84,7 +84,12 @@ def _compiled(
         f"compiling {len(executable.programs)} programs ({', '.join(executable.programs)}) "
         f"with the {backend.name} backend"
     )
-    return CompiledGraph(graph, executable.programs, executable.binaries())
+    reports = getattr(backend, "reports", [])
+    already = len(reports)
+    binaries = executable.binaries()
+    for report in reports[already:]:  # compile-cache hit or miss, and why
+        log.note(report.as_text())
+    return CompiledGraph(graph, executable.programs, binaries)
 
 
 def _header(

@@ -7,6 +7,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from sambaflow.app.backend_choice import choose_backend
 from sambaflow.backends.base import get_backend
 from sambaflow.errors import SambaPefError
 from sambaflow.optim.base import SambaOptimizer
@@ -48,7 +49,8 @@ def trace_graph(
     """Trace `model` (forward, backward and `optim`'s update) and load it into the session.
 
     With `pef`, the traced graph is checked against the PEF and the PEF's compiled programs run;
-    otherwise the step is compiled here with `backend`. With no optimizer the graph is
+    otherwise the step is compiled here with `backend` (default: `$SAMBAFLOW_BACKEND`, else
+    inductor; programs compile on first use and are cached on disk). With no optimizer the graph is
     forward-only. Returns the graph's outputs, also stored as `model.output_tensors`.
     """
     optimizers = optimizer_list(optim)
@@ -58,9 +60,10 @@ def trace_graph(
         optimizers = []
     traced = trace_step(model, inputs, optimizers, loss_indices=loss_indices, backward=bool(optimizers))
     session.trace_count += 1
-    executable = (
-        _from_pef(pef_file, traced, bool(optimizers)) if pef_file else Executable.build(traced, backend)
-    )
+    if pef_file is not None:
+        executable = _from_pef(pef_file, traced, bool(optimizers))
+    else:
+        executable = Executable.build(traced, choose_backend(backend, progress))
     outputs = session.load(executable, model, optimizers, init_output_grads)
     model.output_tensors = outputs
     return outputs

@@ -21,9 +21,10 @@ class Backend(Protocol):
 
 
 def get_backend(name: str) -> Backend:
+    from sambaflow.backends.inductor import InductorBackend
     from sambaflow.backends.reference import ReferenceBackend
 
-    backends = {"reference": ReferenceBackend}
+    backends = {"reference": ReferenceBackend, "inductor": InductorBackend}
     if name not in backends:
         raise SambaBackendError(f"unknown backend '{name}': choose one of {sorted(backends)}")
     return backends[name]()

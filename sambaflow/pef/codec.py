@@ -79,6 +79,11 @@ def _encode_node(node: fx.Node) -> dict[str, Any]:
     }
     if "section" in node.meta:
         entry["section"] = node.meta["section"]
+    value = node.meta.get("val")
+    if node.op == "placeholder" and isinstance(value, torch.Tensor):
+        # Backends check binaries against the input layouts they were compiled for.
+        entry["val"] = {"shape": list(value.shape), "stride": list(value.stride()),
+                        "dtype": dtype_name(value.dtype), "device": value.device.type}
     return entry
 
 
@@ -172,7 +177,15 @@ def _decode_node(graph: fx.Graph, entry: dict[str, Any], env: dict[str, fx.Node]
     node.name = entry["name"]
     if "section" in entry:
         node.meta["section"] = entry["section"]
+    if "val" in entry:
+        node.meta["val"], node.meta["device"] = _layout(entry["val"])
     return node
+
+
+def _layout(val: dict[str, Any]) -> tuple[torch.Tensor, str]:
+    """A storage-less tensor with the recorded layout, and the device it was on."""
+    tensor = torch.empty_strided(val["shape"], val["stride"], dtype=dtype_from_name(val["dtype"]), device="meta")
+    return tensor, str(val["device"])
 
 
 def resolve_target(name: str) -> Any:

@@ -40,6 +40,7 @@ class Session:
         self.optimizers: list[SambaOptimizer] = []
         self.init_output_grads = True
         self._seed_defaults: dict[str, torch.Tensor] = {}
+        self._saved: set[str] = set()
 
     def load(
         self,
@@ -129,7 +130,8 @@ class Session:
         if missing:
             known = sorted(n for n in self.store if not n.startswith(SAVED_PREFIX))
             raise SambaRunError(f"get_tensors_by_name: no device tensor named {missing}; known: {known}")
-        return [SambaTensor(self.store[n], name=n) for n in names]
+        # Copies: parameters and optimizer state are updated in place by the next step.
+        return [SambaTensor(self.store[n].clone(), name=n) for n in names]
 
     def gradient_of(self, name: str) -> SambaTensor | None:
         grad = self.store.get(f"{name}__grad")
@@ -163,7 +165,17 @@ class Session:
         for name in [FULL_STEP] if sections == executable.sections else sections:
             executable.run(name, self.store, staged)
         self.store.update(staged)
+        self._track_saved(sections, staged)
         return self._outputs()
+
+    def _track_saved(self, sections: list[str], staged: dict[str, torch.Tensor]) -> None:
+        """Forget saved activations once `opt` ran: they may view weights it just changed."""
+        if "opt" in sections:
+            for name in self._saved:
+                self.store.pop(name, None)
+            self._saved.clear()
+        else:
+            self._saved.update(n for n in staged if n.startswith(SAVED_PREFIX))
 
     def _set_hyperparameters(self, values: dict[str, float]) -> None:
         for name, value in values.items():
