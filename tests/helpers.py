@@ -11,7 +11,6 @@ import torch
 from sambaflow import samba
 from sambaflow.samba import utils
 
-
 # Relative to the tensor's largest value. Compiled fp32 code reorders sums (~1e-6 per step, growing
 # over 20 steps); a wrong gradient or update is off by 1e-2 or more and still fails.
 TOLERANCE = {"reference": 1e-5, "inductor": 2e-4}

@@ -8,7 +8,6 @@ from typing import Any, Callable
 from sambaflow.backends.base import Backend, get_backend
 from sambaflow.errors import SambaBackendError
 
-
 DEFAULT_BACKEND = "inductor"
 BACKEND_VARIABLE = "SAMBAFLOW_BACKEND"
 
