@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,16 +19,18 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 BACKEND = ["--backend", "reference"]
 
 
-def app(name: str, *args: str, cwd: Path) -> str:
+def app(name: str, *args: str, cwd: Path, env: dict | None = None) -> str:
+    """Run an example app as a user does; its stdout and stderr together."""
     result = subprocess.run(
         [sys.executable, str(EXAMPLES / f"{name}.py"), *args],
         cwd=cwd,
+        env=dict(os.environ, **(env or {})),
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert result.returncode == 0, f"{name} {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout
+    return result.stdout + result.stderr
 
 
 def load_example(name: str):
@@ -120,6 +123,10 @@ def test_example_app_end_to_end(name, tmp_path):
     report = json.loads((tmp_path / "perf.json").read_text())
     assert report["throughput"] > 0 and report["n_iterations"] == 5
 
+    sections = app(name, "measure-sections", "-b", batch, "-p", str(pef), "-n", "3", cwd=tmp_path)
+    for row in ("fwd", "bckwd", "opt", "whole step"):
+        assert any(line.startswith(row) for line in sections.splitlines()), row
+
 
 @pytest.mark.slow
 def test_seed_commands_work_as_written(tmp_path):
@@ -144,3 +151,54 @@ def test_training_pef_runs_inference_after_training(tmp_path):
     )
     accuracy = float(ran.split("test samples: ")[1].split()[0])
     assert accuracy > 90.0
+
+
+@pytest.mark.slow
+def test_inductor_pef_end_to_end_compiles_nothing_at_run(tmp_path):
+    """The default backend: AOT binaries in the PEF; run, test and measure load them and compile nothing."""
+    compiled = app(
+        "ffn_app",
+        "compile",
+        "-b",
+        "32",
+        "--hidden-size",
+        "64",
+        "--pef-name",
+        "ffn",
+        "--backend",
+        "inductor",
+        cwd=tmp_path,
+        env={"SAMBAFLOW_DEBUG": "1"},
+    )
+    assert "with the inductor backend" in compiled and "cache" in compiled
+    assert "compile event: inductor program 'step'" in compiled  # the debug output does show compiles
+    pef = str(tmp_path / "out" / "ffn" / "ffn.pef")
+    debug = {"SAMBAFLOW_DEBUG": "1"}
+    manifest_text = subprocess.run(
+        [sys.executable, "-m", "sambaflow", "inspect", pef], capture_output=True, text=True, check=True
+    ).stdout
+    assert "backend inductor on cpu" in manifest_text and "binary graphs/train/step.bin" in manifest_text
+    ran = app(
+        "ffn_app",
+        "run",
+        "-b",
+        "32",
+        "--hidden-size",
+        "64",
+        "-p",
+        pef,
+        "-e",
+        "1",
+        "--log-losses",
+        "losses.json",
+        cwd=tmp_path,
+        env=debug,
+    )
+    assert "compile event" not in ran, "run must load the PEF's binaries, not compile"
+    losses = json.loads((tmp_path / "losses.json").read_text())
+    module = load_example("ffn_app")
+    utils.set_seed(0)
+    expected = eager_losses(module.ResFFNLogReg(784, 64, 10), 32, 0.1, 0.9, 1e-4, flat=True)
+    assert max(abs(a - b) / abs(b) for a, b in zip(losses, expected)) < 2e-3
+    tested = app("ffn_app", "test", "-b", "32", "--hidden-size", "64", "-p", pef, cwd=tmp_path, env=debug)
+    assert "test passed" in tested and "compile event" not in tested

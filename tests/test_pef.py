@@ -283,3 +283,30 @@ def test_checkpoint_resumes_training_exactly(tmp_path):
     resumed = first + steps(model, inputs, optim, batches[3:])
     assert resumed == pytest.approx(straight, rel=1e-6)
     assert optim.hyper["lr"] == pytest.approx(0.05)
+
+
+def test_cuda_pef_without_a_gpu_is_refused(pef_path, tmp_path):
+    def to_cuda(manifest):
+        manifest["target"] = {"backend": "inductor", "device": "cuda"}
+
+    path = rewrite(pef_path, tmp_path / "cuda.pef", edit_manifest=to_cuda)
+    model, inputs, optim = build()
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SambaPefError, match="compiled for CUDA .* no usable GPU"):
+        utils.trace_graph(model, inputs, optim, pef=path)
+
+
+def test_backend_falls_back_to_reference_with_one_message(monkeypatch):
+    from sambaflow.app.backend_choice import choose_backend
+    from sambaflow.backends import inductor
+
+    monkeypatch.setattr(
+        inductor.InductorBackend, "available", staticmethod(lambda: (False, "no C++ compiler"))
+    )
+    said = []
+    backend = choose_backend("inductor", said.append)
+    assert backend.name == "reference"
+    assert said == [
+        "the inductor backend cannot run here (no C++ compiler); falling back to the reference backend"
+    ]

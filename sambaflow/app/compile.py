@@ -85,10 +85,19 @@ def _compiled(
         f"with the {backend.name} backend"
     )
     reports = getattr(backend, "reports", [])
-    already = len(reports)
-    binaries = executable.binaries()
-    for report in reports[already:]:  # compile-cache hit or miss, and why
-        log.note(report.as_text())
+    seen = len(reports)
+
+    def announce(name: str | None) -> None:
+        """Each Inductor compile takes seconds: say which runs, and each cache hit or miss and why."""
+        nonlocal seen
+        for report in reports[seen:]:
+            log.note(f"  {report.as_text()}")
+        seen = len(reports)
+        if name is not None:
+            log.note(f"  program '{name}' ...")
+
+    binaries = executable.binaries(announce)
+    announce(None)
     return CompiledGraph(graph, executable.programs, binaries)
 
 

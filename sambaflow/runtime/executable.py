@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -52,11 +52,13 @@ class Executable:
         }
         return Executable(graph, backend, programs, compiled)
 
-    def binaries(self) -> dict[str, bytes]:
+    def binaries(self, on_program: Callable[[str], None] | None = None) -> dict[str, bytes]:
         """The backend's ahead-of-time binary of every program (for the PEF)."""
         by_program: dict[int, bytes] = {}
-        for program in self.programs.values():
+        for name, program in self.programs.items():
             if id(program) not in by_program:
+                if on_program is not None:
+                    on_program(name)
                 by_program[id(program)] = self.backend.export(program)
         return {name: by_program[id(program)] for name, program in self.programs.items()}
 
