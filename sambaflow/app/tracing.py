@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Sequence
 
 import torch
@@ -9,6 +10,7 @@ from torch import nn
 
 from sambaflow.app.backend_choice import choose_backend
 from sambaflow.backends.base import get_backend
+from sambaflow.backends.counters import debug_level
 from sambaflow.errors import SambaPefError
 from sambaflow.optim.base import SambaOptimizer
 from sambaflow.pef.check import check_matches
@@ -60,6 +62,8 @@ def trace_graph(
         optimizers = []
     traced = trace_step(model, inputs, optimizers, loss_indices=loss_indices, backward=bool(optimizers))
     session.trace_count += 1
+    if debug_level() >= 3:
+        print(traced.as_text(), file=sys.stderr)
     if pef_file is not None:
         executable = _from_pef(pef_file, traced, bool(optimizers))
     else:

@@ -59,7 +59,7 @@ def match_inputs(given: Any, specs: list[TensorSpec]) -> dict[str, torch.Tensor]
 
 
 def _pairs(given: Any, specs: list[TensorSpec]) -> list[tuple[str, Any]]:
-    if isinstance(given, Mapping):
+    if isinstance(given, dict) or (not isinstance(given, (list, tuple)) and isinstance(given, Mapping)):
         return list(given.items())
     if isinstance(given, torch.Tensor):
         given = [given]
@@ -86,7 +86,7 @@ def _checked(value: Any, spec: TensorSpec, what: str) -> torch.Tensor:
             f"drop the last batch), or retrace / recompile for the new shape."
         )
     plain = value.as_subclass(torch.Tensor) if type(value) is not torch.Tensor else value
-    return plain.detach()
+    return plain.detach() if plain.requires_grad else plain
 
 
 def check_seed(value: Any, spec: TensorSpec) -> torch.Tensor:
