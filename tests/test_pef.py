@@ -310,3 +310,19 @@ def test_backend_falls_back_to_reference_with_one_message(monkeypatch):
     assert said == [
         "the inductor backend cannot run here (no C++ compiler); falling back to the reference backend"
     ]
+
+
+def test_test_command_reports_failures_and_exits_non_zero(capsys):
+    from sambaflow.app.driver import _test
+    from sambaflow.app.gold import test_against_cpu
+
+    model, inputs, optim = build()
+    utils.trace_graph(model, inputs, optim)
+    assert test_against_cpu(model, inputs)
+    assert "gemm1__weight__grad" in capsys.readouterr().out
+    samba.session.store["gemm2__weight"].mul_(1.01)  # a device that computes something else
+    with pytest.raises(SystemExit) as exit_info:
+        _test(model, inputs)
+    assert exit_info.value.code == 1
+    out = capsys.readouterr().out
+    assert "gemm3__outputs__0" in out and "FAIL" in out and "test FAILED" in out

@@ -299,3 +299,36 @@ def test_optimizer_state_dict_round_trip_in_torch_format():
     fresh.load_state_dict(torch_optim.state_dict())
     for i in range(len(fresh.params)):
         assert torch.equal(fresh.state_of(i)["momentum_buffer"], optim.state_of(i)["momentum_buffer"])
+
+
+def test_step_updates_parameters_in_place():
+    """A step writes new weights and momenta into the device tensors: no new parameter memory."""
+    _, model = make_pair(lambda: ResFFNLogReg(64, 32, 10))
+    optim = samba.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    outs = utils.trace_graph(model, named_inputs(["x", "y"], mnist_like(64)()), optim)
+    names = [p.sn_name for p in model.parameters()] + [
+        f"{p.sn_name}__momentum_buffer" for p in model.parameters()
+    ]
+    store = samba.session.store
+    before = {n: (store[n].data_ptr(), store[n].clone()) for n in names}
+    for _ in range(2):
+        samba.session.run(named_inputs(["x", "y"], mnist_like(64)()), outs)
+    for name in names:
+        assert store[name].data_ptr() == before[name][0], f"{name} was reallocated"
+        assert not torch.equal(store[name], before[name][1]), f"{name} did not change"
+
+
+def test_to_rdu_pushes_host_weights():
+    reference, model = make_pair(lambda: ResFFNLogReg(64, 32, 10))
+    batch = mnist_like(64)()
+    outs = utils.trace_graph(
+        model, named_inputs(["x", "y"], batch), samba.optim.SGD(model.parameters(), lr=0.1)
+    )
+    with torch.no_grad():
+        for param in list(model.parameters()) + list(reference.parameters()):
+            param.mul_(0.5)
+    stale, _ = samba.session.run(named_inputs(["x", "y"], batch), outs, section_types=["fwd"])
+    samba.session.to_rdu(model)
+    fresh, _ = samba.session.run(named_inputs(["x", "y"], batch), outs, section_types=["fwd"])
+    want, _ = reference(*batch)
+    assert rel_err(fresh, want) < current_tolerance() and rel_err(stale, want) > 1e-3
