@@ -219,7 +219,10 @@ class PackageCache:
             for k, v in parts.items()
             if previous["parts"].get(k) != v
         ]
-        return f"'{name}' last compiled here differs: " + "; ".join(changed)
+        return (
+            f"no cached package matches; the newest cached '{name}' program (perhaps another "
+            f"model's) differs: " + "; ".join(changed)
+        )
 
     def _latest_note(self, name: str) -> dict[str, Any] | None:
         notes = []

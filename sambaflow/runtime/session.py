@@ -19,7 +19,7 @@ from sambaflow.passes.sections import FULL_STEP, SAVED_PREFIX
 from sambaflow.runtime.current import set_current_session
 from sambaflow.runtime.executable import Executable
 from sambaflow.runtime.feeds import check_seed, expand_hyperparams, match_inputs, resolve_sections
-from sambaflow.tensors.sambatensor import SambaTensor
+from sambaflow.tensors.sambatensor import SambaTensor, named_view
 from sambaflow.trace.graph import BUFFER, HYPER, INPUT, OUTPUT_GRAD, PARAM, STATE, TensorSpec
 
 
@@ -185,11 +185,14 @@ class Session:
     def _outputs(self) -> list[SambaTensor]:
         specs = self.executable.graph.model_outputs
         store = self.store
-        return [SambaTensor(store[s.name] if s.name in store else _empty(s), name=s.name) for s in specs]
+        return [named_view(store[s.name] if s.name in store else _empty(s), s.name) for s in specs]
 
     def _seeds(
         self, outputs: Sequence[torch.Tensor] | None, grads: Sequence[Any] | None
     ) -> dict[str, torch.Tensor]:
+        seeded = grads is not None or any("_sn_grad" in getattr(o, "__dict__", ()) for o in outputs or ())
+        if not seeded and self.init_output_grads:
+            return self._seed_defaults  # the usual step: losses from one, other outputs from zero
         specs = {s.name: s for s in self.executable.graph.inputs_with_role(OUTPUT_GRAD)}
         names = [s.name for s in self.executable.graph.model_outputs]
         explicit = _explicit_seeds(names, outputs, grads)

@@ -108,6 +108,14 @@ class SambaTensor(torch.Tensor):
         return self.torch().detach().clone().__reduce_ex__(protocol)
 
 
+def named_view(tensor: torch.Tensor, name: str) -> SambaTensor:
+    """A SambaTensor sharing `tensor`'s memory (the fast path for a graph's outputs every step)."""
+    view = torch.Tensor._make_subclass(SambaTensor, tensor, False)
+    view.sn_name = name
+    view.batch_dim = None
+    return view
+
+
 class SambaParameter(SambaTensor, nn.Parameter):
     """A model parameter converted by `from_torch_model_`: an nn.Parameter with a Samba name."""
 
