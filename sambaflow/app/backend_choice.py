@@ -17,7 +17,9 @@ def default_backend_name() -> str:
     return os.environ.get(BACKEND_VARIABLE) or DEFAULT_BACKEND
 
 
-def choose_backend(name: str | None, say: Callable[[str], None]) -> Backend:
+def choose_backend(name: str | Backend | None, say: Callable[[str], None]) -> Backend:
+    if name is not None and not isinstance(name, str):
+        return name  # a configured backend object
     name = name or default_backend_name()
     try:
         backend = get_backend(name)

@@ -21,7 +21,6 @@ from torch.utils import _pytree as pytree
 
 from sambaflow.errors import SambaTraceError
 from sambaflow.optim.base import SambaOptimizer
-from sambaflow.tensors.model import samba_name
 from sambaflow.trace.graph import (
     BUFFER,
     GRAD,
@@ -229,5 +228,3 @@ def _tag_sections(module: fx.GraphModule, marks: list[int], plan: StepPlan) -> l
     present = {n.meta.get("section") for n in module.graph.nodes}
     return [name for name in names if name in present or name == "fwd"]
 
-
-__all__ = ["trace_step", "samba_name"]
