@@ -46,30 +46,9 @@ from sambaflow.passes.inplace import update_inputs_in_place
 LR, MOMENTUM, WD = 0.01, 0.9, 1e-4
 
 
-class ResFFNLogReg(nn.Module):
-    """The seed's model."""
-
-    def __init__(self, num_features: int, hidden_size: int, num_classes: int) -> None:
-        super().__init__()
-        self.gemm1 = nn.Linear(num_features, hidden_size, bias=True)
-        self.gemm2 = nn.Linear(hidden_size, hidden_size, bias=True)
-        self.gemm3 = nn.Linear(hidden_size, num_classes, bias=True)
-        self.norm1 = nn.LayerNorm(hidden_size)
-        self.norm2 = nn.LayerNorm(hidden_size)
-        self.tanh1 = nn.Tanh()
-        self.sigmoid1 = nn.Sigmoid()
-        self.criterion = nn.CrossEntropyLoss()
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_normal_(m.weight)
-                nn.init.zeros_(m.bias)
-
-    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.tanh1(self.norm1(self.gemm1(inputs)))
-        residual = out
-        out = self.sigmoid1(self.norm2(self.gemm2(out)) + residual)
-        out = self.gemm3(out)
-        return self.criterion(out, targets), out
+# The seed's model, exactly as the example app defines it.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+from ffn_app import ResFFNLogReg  # noqa: E402
 
 
 def trace(hidden: int, batch: int, backend: str = "reference"):

@@ -188,3 +188,35 @@ def test_no_output_gradient_without_init_output_grads():
     with pytest.raises(SambaRunError, match="init_output_grads=False"):
         samba.session.run([x, y], outs)
     samba.session.run([x, y], outs, grad_of_outputs=[torch.ones(()), torch.zeros(4, 4)])
+
+
+def test_bckwd_after_opt_needs_a_new_fwd(traced):
+    _, x, y, outs = traced
+    samba.session.run([x, y], outs, section_types=["fwd"])
+    samba.session.run([x, y], outs, section_types=["bckwd", "opt"])
+    raises_and_keeps_store(r"since the last 'opt' changed the weights: run \['fwd'\] first",
+                           input_tensors=[x, y], output_tensors=outs, section_types=["bckwd"])
+
+
+def test_gradient_for_a_constant_output_is_refused():
+    class WithPrediction(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(16, 4)
+
+        def forward(self, x, y):
+            logits = self.fc(x)
+            return torch.nn.functional.cross_entropy(logits, y), logits.argmax(dim=1)
+
+    model = WithPrediction()
+    samba.from_torch_model_(model)
+    x, y = samba.randn(4, 16, name="x"), samba.randint(4, (4,), name="y")
+    outs = utils.trace_graph(model, [x, y], samba.optim.SGD(model.parameters(), lr=0.1))
+    raises_and_keeps_store(r"gradient was given for output\(s\) \['fc__outputs__0'\]|do not depend",
+                           input_tensors=[x, y], output_tensors=outs, grad_of_outputs=[None, torch.ones(4)])
+
+
+def test_data_parallel_request_warns_instead_of_being_dropped(traced):
+    _, x, y, outs = traced
+    with pytest.warns(UserWarning, match="data-parallel runs are not implemented"):
+        samba.session.run([x, y], outs, data_parallel=True)

@@ -32,6 +32,12 @@ def gold_step(
     return [o.detach() for o in flat]
 
 
+# fp32 results from another summation order (BLAS threading, fused kernels) differ by ~1e-7 of the
+# terms summed; gradients that cancel (LayerNorm weights) then differ by up to ~1e-6 absolute. A
+# wrong gradient is off by its own size, far above this.
+ABSOLUTE_TOLERANCE = 1e-6
+
+
 def test_against_cpu(model: nn.Module, inputs: Sequence[torch.Tensor], tolerance: float = 1e-4) -> bool:
     """Print one line per tensor (name, max abs and rel error, PASS/FAIL); True when all pass."""
     graph = session.executable.graph
@@ -64,6 +70,6 @@ def _report(name: str, got: torch.Tensor | None, want: torch.Tensor, tolerance: 
         return False
     abs_err, rel_err = compare(got, want)
     scale = float(want.detach().abs().max()) if want.numel() else 0.0
-    ok = abs_err <= tolerance * max(scale, 1e-3)
+    ok = abs_err <= ABSOLUTE_TOLERANCE + tolerance * scale
     print(f"{name:48s} max_abs_err {abs_err:10.3e}  max_rel_err {rel_err:10.3e}  {'PASS' if ok else 'FAIL'}")
     return ok

@@ -8,6 +8,7 @@ so an error cannot leave the store half-updated.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -151,6 +152,11 @@ class Session:
         """Run sections (default: all) on named inputs; return the outputs in `forward` order."""
         executable = self._require_executable()
         graph = executable.graph
+        if data_parallel or reduce_on_rdu:
+            _warn_once(
+                "data_parallel / reduce_on_rdu: data-parallel runs are not implemented yet; this "
+                "run uses one replica and no gradient all-reduce"
+            )
         sections = resolve_sections(section_types, executable.sections)
         feeds = match_inputs(input_tensors, graph.inputs_with_role(INPUT))
         hyper = expand_hyperparams(
@@ -196,6 +202,12 @@ class Session:
         specs = {s.name: s for s in self.executable.graph.inputs_with_role(OUTPUT_GRAD)}
         names = [s.name for s in self.executable.graph.model_outputs]
         explicit = _explicit_seeds(names, outputs, grads)
+        constant = sorted(n for n, g in explicit.items() if g is not None and f"{n}__grad" not in specs)
+        if constant:
+            raise SambaRunError(
+                f"a gradient was given for output(s) {constant}, which do not depend on "
+                "any trained tensor (or are not floating point): backward has no use for it"
+            )
         seeds = {}
         for name, spec in specs.items():
             value = explicit.get(name.removesuffix("__grad"))
@@ -223,7 +235,8 @@ class Session:
                 raise SambaRunError(
                     f"section '{section}' needs values that an earlier section leaves on the device "
                     f"({len(absent)} tensors), and that section has not run since the graph was "
-                    f"loaded: run {executable.sections[: executable.sections.index(section)]} first"
+                    f"loaded or since the last 'opt' changed the weights: run "
+                    f"{executable.sections[: executable.sections.index(section)]} first"
                 )
             produced.update(program.outputs)
 
@@ -272,6 +285,15 @@ def _explicit_seeds(
             )
         seeds |= {name: g for name, g in zip(names, grads) if g is not None}
     return seeds
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
 
 
 def _empty(spec: TensorSpec) -> torch.Tensor:
