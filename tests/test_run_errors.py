@@ -194,8 +194,12 @@ def test_bckwd_after_opt_needs_a_new_fwd(traced):
     _, x, y, outs = traced
     samba.session.run([x, y], outs, section_types=["fwd"])
     samba.session.run([x, y], outs, section_types=["bckwd", "opt"])
-    raises_and_keeps_store(r"since the last 'opt' changed the weights: run \['fwd'\] first",
-                           input_tensors=[x, y], output_tensors=outs, section_types=["bckwd"])
+    raises_and_keeps_store(
+        r"since the last 'opt' changed the weights: run \['fwd'\] first",
+        input_tensors=[x, y],
+        output_tensors=outs,
+        section_types=["bckwd"],
+    )
 
 
 def test_gradient_for_a_constant_output_is_refused():
@@ -212,8 +216,12 @@ def test_gradient_for_a_constant_output_is_refused():
     samba.from_torch_model_(model)
     x, y = samba.randn(4, 16, name="x"), samba.randint(4, (4,), name="y")
     outs = utils.trace_graph(model, [x, y], samba.optim.SGD(model.parameters(), lr=0.1))
-    raises_and_keeps_store(r"gradient was given for output\(s\) \['fc__outputs__0'\]|do not depend",
-                           input_tensors=[x, y], output_tensors=outs, grad_of_outputs=[None, torch.ones(4)])
+    raises_and_keeps_store(
+        r"gradient was given for output\(s\) \['fc__outputs__0'\]|do not depend",
+        input_tensors=[x, y],
+        output_tensors=outs,
+        grad_of_outputs=[None, torch.ones(4)],
+    )
 
 
 def test_data_parallel_request_warns_instead_of_being_dropped(traced):

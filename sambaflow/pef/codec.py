@@ -82,8 +82,12 @@ def _encode_node(node: fx.Node) -> dict[str, Any]:
     value = node.meta.get("val")
     if node.op == "placeholder" and isinstance(value, torch.Tensor):
         # Backends check binaries against the input layouts they were compiled for.
-        entry["val"] = {"shape": list(value.shape), "stride": list(value.stride()),
-                        "dtype": dtype_name(value.dtype), "device": value.device.type}
+        entry["val"] = {
+            "shape": list(value.shape),
+            "stride": list(value.stride()),
+            "dtype": dtype_name(value.dtype),
+            "device": value.device.type,
+        }
     return entry
 
 
@@ -184,7 +188,9 @@ def _decode_node(graph: fx.Graph, entry: dict[str, Any], env: dict[str, fx.Node]
 
 def _layout(val: dict[str, Any]) -> tuple[torch.Tensor, str]:
     """A storage-less tensor with the recorded layout, and the device it was on."""
-    tensor = torch.empty_strided(val["shape"], val["stride"], dtype=dtype_from_name(val["dtype"]), device="meta")
+    tensor = torch.empty_strided(
+        val["shape"], val["stride"], dtype=dtype_from_name(val["dtype"]), device="meta"
+    )
     return tensor, str(val["device"])
 
 

@@ -227,4 +227,3 @@ def _tag_sections(module: fx.GraphModule, marks: list[int], plan: StepPlan) -> l
             node.meta["section"] = names[next(k for k, b in enumerate(bounds) if index < b)]
     present = {n.meta.get("section") for n in module.graph.nodes}
     return [name for name in names if name in present or name == "fwd"]
-
