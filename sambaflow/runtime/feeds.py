@@ -9,8 +9,6 @@ import torch
 from sambaflow.errors import SambaRunError
 from sambaflow.trace.graph import SECTION_ORDER, TensorSpec
 
-SECTION_ALIASES = {"fwd": "fwd", "bckwd": "bckwd", "gradnorm": "gradnorm", "opt": "opt"}
-
 
 def resolve_sections(section_types: Sequence[str] | str | None, compiled: list[str]) -> list[str]:
     """Normalise section names (any case) and check they exist and come in compiled order."""
@@ -20,7 +18,7 @@ def resolve_sections(section_types: Sequence[str] | str | None, compiled: list[s
         section_types = [section_types]
     chosen = []
     for raw in section_types:
-        name = SECTION_ALIASES.get(str(raw).lower())
+        name = str(raw).lower()
         if name in ("bckwd", "gradnorm", "opt") and compiled == ["fwd"]:
             raise SambaRunError(
                 f"section_types: {raw!r} asks to train, but this graph is forward-only "
