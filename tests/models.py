@@ -138,3 +138,18 @@ class UsesNumpy(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = float(self.fc(x).abs().max().item())  # untraceable: needs a value
         return (self.fc(x) / scale).sum()
+
+
+class BatchNormMLP(nn.Module):
+    """Buffers that the step updates in place (running statistics)."""
+
+    def __init__(self, num_features: int = 64, num_classes: int = 10) -> None:
+        super().__init__()
+        self.fc = nn.Linear(num_features, 32)
+        self.bn = nn.BatchNorm1d(32)
+        self.out = nn.Linear(32, num_classes)
+        self.criterion = nn.CrossEntropyLoss()
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.out(torch.relu(self.bn(self.fc(x))))
+        return self.criterion(out, labels), out

@@ -11,7 +11,7 @@ from sambaflow import samba
 from sambaflow.samba import utils
 
 from helpers import current_tolerance, make_pair, named_inputs, rel_err, train_side_by_side
-from models import DropoutMLP, DropoutProbe, LeNet, Logits, LogReg, ResFFNLogReg
+from models import BatchNormMLP, DropoutMLP, DropoutProbe, LeNet, Logits, LogReg, ResFFNLogReg
 
 BATCH = 16
 
@@ -332,3 +332,16 @@ def test_to_rdu_pushes_host_weights():
     fresh, _ = samba.session.run(named_inputs(["x", "y"], batch), outs, section_types=["fwd"])
     want, _ = reference(*batch)
     assert rel_err(fresh, want) < current_tolerance() and rel_err(stale, want) > 1e-3
+
+
+def test_batchnorm_running_statistics_follow_eager():
+    model, reference = train_side_by_side(
+        BatchNormMLP,
+        mnist_like(64),
+        lambda m: samba.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
+        lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
+        steps=5,
+    )
+    assert int(model.bn.num_batches_tracked) == 5
+    assert rel_err(model.bn.running_mean, reference.bn.running_mean) < current_tolerance()
+    assert rel_err(model.bn.running_var, reference.bn.running_var) < current_tolerance()
