@@ -19,6 +19,16 @@ Hyper = dict[str, torch.Tensor]
 State = dict[str, torch.Tensor]
 
 
+def state_name(param_name: str, key: str) -> str:
+    """Device-store name of a parameter's optimizer state: `gemm1__weight__momentum_buffer`."""
+    return f"{param_name}__{key}"
+
+
+def hyper_name(key: str, optimizer_index: int) -> str:
+    """Graph-input name of a hyperparameter: `lr` for the first optimizer, `lr__1` for the second."""
+    return key if optimizer_index == 0 else f"{key}__{optimizer_index}"
+
+
 class SambaOptimizer:
     """Base class: parameters, settings, host state, and the torch checkpoint format."""
 

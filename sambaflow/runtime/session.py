@@ -15,11 +15,12 @@ import torch
 from torch import nn
 
 from sambaflow.errors import SambaRunError
-from sambaflow.optim.base import SambaOptimizer
+from sambaflow.optim.base import SambaOptimizer, hyper_name, state_name
 from sambaflow.passes.sections import FULL_STEP, SAVED_PREFIX
 from sambaflow.runtime.current import set_current_session
 from sambaflow.runtime.executable import Executable
 from sambaflow.runtime.feeds import check_seed, expand_hyperparams, match_inputs, resolve_sections
+from sambaflow.tensors.model import buffer_name
 from sambaflow.tensors.sambatensor import SambaTensor, named_view
 from sambaflow.trace.graph import BUFFER, HYPER, INPUT, OUTPUT_GRAD, PARAM, STATE, TensorSpec
 
@@ -89,10 +90,10 @@ class Session:
         index = self.optimizers.index(opt) if opt in self.optimizers else 0
         for j in range(len(opt.params)):
             for key, value in opt.state_of(j).items():
-                if f"{opt.param_name(j)}__{key}" in wanted:
-                    self.store[f"{opt.param_name(j)}__{key}"] = value.detach().clone()
+                if state_name(opt.param_name(j), key) in wanted:
+                    self.store[state_name(opt.param_name(j), key)] = value.detach().clone()
         for key, value in opt.hyper.items():
-            name = key if index == 0 else f"{key}__{index}"
+            name = hyper_name(key, index)
             if name in self.store:
                 self.store[name] = torch.tensor(value, dtype=torch.float64)
 
@@ -115,11 +116,11 @@ class Session:
         for j in range(len(opt.params)):
             state = opt.state_of(j)
             for key in state:
-                name = f"{opt.param_name(j)}__{key}"
+                name = state_name(opt.param_name(j), key)
                 if name in self.store:
                     state[key] = self.store[name].clone()
         for key in opt.hyper:
-            name = key if index == 0 else f"{key}__{index}"
+            name = hyper_name(key, index)
             if name in self.store:
                 opt.hyper[key] = float(self.store[name])
 
@@ -262,10 +263,8 @@ class Session:
 
 
 def _host_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    from sambaflow.tensors.model import samba_name
-
     tensors = [(p.sn_name, p) for p in model.parameters() if getattr(p, "sn_name", None)]
-    tensors += [(samba_name(*path.rpartition(".")[::2]), b) for path, b in model.named_buffers()]
+    tensors += [(buffer_name(path), b) for path, b in model.named_buffers()]
     return tensors
 
 

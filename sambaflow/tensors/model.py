@@ -13,6 +13,12 @@ def samba_name(module_path: str, leaf: str) -> str:
     return "__".join(parts)
 
 
+def buffer_name(path: str) -> str:
+    """Samba name of the buffer at module path `a.b.running_mean`: `a__b__running_mean`."""
+    module_path, _, leaf = path.rpartition(".")
+    return samba_name(module_path, leaf)
+
+
 def from_torch_model_(model: nn.Module) -> nn.Module:
     """Replace every parameter of `model` by a SambaParameter named after its module path.
 

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from sambaflow.errors import SambaTraceError
-from sambaflow.optim.base import SambaOptimizer
-from sambaflow.tensors.model import samba_name
+from sambaflow.optim.base import SambaOptimizer, hyper_name, state_name
+from sambaflow.tensors.model import buffer_name
 
 
 @dataclass
@@ -32,7 +32,7 @@ class StepPlan:
         for i, opt in enumerate(self.optimizers):
             for j, name in enumerate(self.owned[i]):
                 for key, value in opt.state_of(j).items():
-                    self.states.append((f"{name}__{key}", value))
+                    self.states.append((state_name(name, key), value))
         self._values.update(self.states)
 
     # --- lookups ---------------------------------------------------------------------------
@@ -58,20 +58,15 @@ class StepPlan:
     def record_unused(self, names: list[str]) -> None:
         self.unused = set(names)
 
-    def hyper_name(self, key: str, index: int) -> str:
-        return key if index == 0 else f"{key}__{index}"
-
     def hyper_defaults(self) -> dict[str, float]:
-        return {
-            self.hyper_name(k, i): v for i, opt in enumerate(self.optimizers) for k, v in opt.hyper.items()
-        }
+        return {hyper_name(k, i): v for i, opt in enumerate(self.optimizers) for k, v in opt.hyper.items()}
 
     def updated_params(self) -> list[str]:
         return [n for names in self.owned for n in names if n not in self.unused]
 
     def updated_states(self) -> list[str]:
         return [
-            f"{n}__{k}"
+            state_name(n, k)
             for i, names in enumerate(self.owned)
             for n in names
             if n not in self.unused
@@ -101,8 +96,8 @@ class StepPlan:
         new_states: list[torch.Tensor] = []
         for i, opt in enumerate(self.optimizers):
             names = [n for n in self.owned[i] if n in grads]
-            hyper = {k: named[self.hyper_name(k, i)] for k in opt.hyper_names}
-            states = [{k: named[f"{n}__{k}"] for k in opt.state_names} for n in names]
+            hyper = {k: named[hyper_name(k, i)] for k in opt.hyper_names}
+            states = [{k: named[state_name(n, k)] for k in opt.state_names} for n in names]
             params, states = opt.update([named[n] for n in names], [grads[n] for n in names], states, hyper)
             new_params += params
             new_states += [s[k] for s in states for k in opt.state_names]
@@ -117,7 +112,7 @@ def make_plan(
     params, paths = _named_parameters(model)
     buffers = []
     for path, buffer in model.named_buffers():
-        name = samba_name(*path.rpartition(".")[::2])
+        name = buffer_name(path)
         paths[name] = path
         buffers.append((name, buffer.detach()))
     _check_optimizers(optimizers, params)
