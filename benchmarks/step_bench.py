@@ -226,15 +226,18 @@ def fullgraph_train_step(model: nn.Module, batches, form: str) -> Step:
     sgd = torch.optim._functional.sgd
     options = dict(sgd_kwargs(), dampening=0.0, nesterov=False, maximize=False)
 
-    def with_backward(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        for p in params:
-            p.grad = None
-        loss, out = model(x, y)
-        loss.backward()
-        grads = [p.grad for p in params]
-        with torch.no_grad():
-            sgd(params, grads, buffers, foreach=True, **options)
-        return loss.detach(), out.detach()
+    def with_backward(foreach: bool) -> Callable:
+        def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            for p in params:
+                p.grad = None
+            loss, out = model(x, y)
+            loss.backward()
+            grads = [p.grad for p in params]
+            with torch.no_grad():
+                sgd(params, grads, buffers, foreach=foreach, **options)
+            return loss.detach(), out.detach()
+
+        return step
 
     def with_autograd_grad(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         loss, out = model(x, y)
@@ -243,20 +246,10 @@ def fullgraph_train_step(model: nn.Module, batches, form: str) -> Step:
             sgd(params, grads, buffers, foreach=True, **options)
         return loss.detach(), out.detach()
 
-    def with_backward_single_tensor(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        for p in params:
-            p.grad = None
-        loss, out = model(x, y)
-        loss.backward()
-        grads = [p.grad for p in params]
-        with torch.no_grad():
-            sgd(params, grads, buffers, foreach=False, **options)
-        return loss.detach(), out.detach()
-
     forms = {
-        "backward": with_backward,
+        "backward": with_backward(foreach=True),
         "autograd_grad": with_autograd_grad,
-        "backward_single_tensor": with_backward_single_tensor,
+        "backward_single_tensor": with_backward(foreach=False),
     }
     compiled = torch.compile(forms[form], fullgraph=True)
 
