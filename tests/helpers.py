@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 
 from sambaflow import samba
+from sambaflow.backends.rewrites import TANH_TAYLOR_BELOW
 from sambaflow.samba import utils
 
 # Relative to the tensor's largest value. Compiled fp32 code reorders sums (~1e-6 per step, growing
@@ -84,3 +85,27 @@ def _eager_step(model, batch, optims, clip, hyper):
     for opt in optims:
         opt.step()
     return [o.detach() for o in outputs]
+
+
+def tanh_inputs(seed: int) -> torch.Tensor:
+    """Every range the formula switches on, both signs, and the special values."""
+    gen = torch.Generator().manual_seed(seed)
+    edge = torch.tensor([TANH_TAYLOR_BELOW, -TANH_TAYLOR_BELOW])
+    scales = [3.0, 0.5, TANH_TAYLOR_BELOW, 1e-3, 1e-20]
+    parts = [torch.randn(20_000, generator=gen) * s for s in scales]
+    near_edge = edge.repeat_interleave(1000) * (1 + 1e-3 * torch.randn(2000, generator=gen))
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 20.0, -20.0, 1e10, -1e10, 1e-40, -1e-40])
+    return torch.cat(parts + [near_edge, edge, special])
+
+
+def check_tanh(got: torch.Tensor, x: torch.Tensor, bound: float = 3e-7) -> None:
+    """`got` is tanh(x) within `bound` relative error (a wrong branch or coefficient is off by >1e-6)."""
+    exact = torch.tanh(x.double())
+    normal = exact.abs() > torch.finfo(torch.float32).tiny
+    relative = ((got.double() - exact).abs() / exact.abs())[normal]
+    assert relative.max() < bound, (
+        f"worst relative error {relative.max():.2e} at x={x[normal][relative.argmax()]}"
+    )
+    tiny = ~normal
+    torch.testing.assert_close(got[tiny], torch.tanh(x)[tiny], rtol=0, atol=0)
+    assert torch.equal(torch.signbit(got), torch.signbit(torch.tanh(x))), "sign of -0.0 or a tiny value lost"

@@ -2,7 +2,7 @@
 
 Each AOTInductor compile costs 5-20 s here, so the file compiles four programs in all: the
 fused step, the step with in-place updates, and a tiny graph for the `alpha` trap (AOT, then
-compile_fx). Everything else reuses them through module-scoped fixtures.
+compile_fx; it also checks the compiled tanh rewrite). Everything else reuses them through module-scoped fixtures.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from sambaflow.passes.inplace import update_inputs_in_place
 from sambaflow.passes.sections import SectionProgram, full_step_program, section_programs
 from sambaflow.trace.graph import HYPER, OUTPUT_GRAD
 from sambaflow.trace.tracer import trace_step
+
+from helpers import check_tanh, tanh_inputs
 
 pytestmark = [
     pytest.mark.slow,
@@ -302,9 +304,9 @@ def test_in_place_step_writes_back_an_input_with_other_strides(graph, step, in_p
     _in_place_check(graph, step, in_place, seed=6, odd="gemm2__weight")
 
 
-# --- the alpha trap (issue 4) ---------------------------------------------------------------------
-def _alpha_forms(a, b, p, a2, b2, p2, c):
-    return torch.mm(a, b).add(p, alpha=1e-4), torch.mm(a2, b2) + c * p2
+# --- the rewrites: the alpha trap (issue 4) and tanh ------------------------------------------------
+def _rewrite_forms(a, b, p, a2, b2, p2, c, x):
+    return torch.mm(a, b).add(p, alpha=1e-4), torch.mm(a2, b2) + c * p2, torch.tanh(x)
 
 
 @pytest.fixture(scope="module")
@@ -315,23 +317,25 @@ def alpha_case():
         torch.randn(32, 8, generator=gen),
         torch.randn(16, 8, generator=gen) * 100,
     ]
-    args = args + [t.clone() for t in args] + [torch.tensor(1e-4, dtype=torch.float64)]
-    module = make_fx(_alpha_forms, tracing_mode="fake")(*args)
+    args = args + [t.clone() for t in args] + [torch.tensor(1e-4, dtype=torch.float64), tanh_inputs(seed=2)]
+    module = make_fx(_rewrite_forms, tracing_mode="fake")(*args)
     program = SectionProgram(
-        "alpha_trap", module, ["a", "b", "p", "a2", "b2", "p2", "c"], ["alpha_form", "scaled"]
+        "rewrites", module, ["a", "b", "p", "a2", "b2", "p2", "c", "x"], ["alpha_form", "scaled", "tanh"]
     )
     expected = args[0] @ args[1] + 1e-4 * args[2]
     return program, args, expected
 
 
 @pytest.mark.parametrize("mode", ["aot", "jit"])
-def test_scaled_add_after_mm_keeps_its_scale(alpha_case, tmp_path_factory, mode):
-    """`mm + c * p` is exact; our backend also rewrites `add(p, alpha=c)` so it stays right."""
+def test_compiled_rewrites_keep_alpha_and_tanh(alpha_case, tmp_path_factory, mode):
+    """`mm + c * p` is exact; our backend rewrites `add(p, alpha=c)` so it stays right, and its
+    faster tanh stays within a few ulp of torch.tanh once Inductor compiled it."""
     program, args, expected = alpha_case
     cache = tmp_path_factory.mktemp(f"alpha-{mode}")
-    alpha_form, scaled = InductorBackend(cache_dir=cache, mode=mode).compile(program)(args)
+    alpha_form, scaled, tanh = InductorBackend(cache_dir=cache, mode=mode).compile(program)(args)
     torch.testing.assert_close(scaled, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(alpha_form, expected, rtol=1e-5, atol=1e-5)
+    check_tanh(tanh, args[-1])
 
 
 @pytest.mark.xfail(
@@ -342,7 +346,7 @@ def test_raw_inductor_keeps_alpha_after_mm(alpha_case):
     from torch._inductor.compile_fx import compile_fx
 
     program, args, expected = alpha_case
-    alpha_form, _ = compile_fx(copy.deepcopy(program.module), list(args))(*args)
+    alpha_form, _, _ = compile_fx(copy.deepcopy(program.module), list(args))(*args)
     wrong = args[0] @ args[1] + args[2]
     assert not torch.allclose(alpha_form, wrong), "alpha was dropped: got mm + p"
     torch.testing.assert_close(alpha_form, expected, rtol=1e-5, atol=1e-5)

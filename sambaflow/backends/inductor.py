@@ -11,9 +11,10 @@ Two ways to compile, same numerics:
 
 `compile(program)` is `load(program, export(program))` in the default `aot` mode.
 
-Inductor in torch 2.13 drops `alpha` in `torch.mm(a, b).add(p, alpha=c)` on the CPU (it fuses the
-add into `addmm`): `prepared` rewrites every `add/sub(..., alpha=a)` as `x + y * a` before
-compiling (tests/test_inductor_backend.py keeps both facts checked).
+Before compiling, `prepared` applies `rewrites.py`: `add/sub(..., alpha=a)` as `x + y * a` (Inductor
+in torch 2.13 drops `alpha` in `torch.mm(a, b).add(p, alpha=c)` on the CPU) and float32 `tanh` as
+an exp-based form (Inductor's SLEEF tanh is ~6x slower than exp); tests/test_inductor_backend.py
+keeps these facts checked.
 
 A loaded program checks input strides (and re-lays out odd ones), not shapes or dtypes: the
 runtime checks what users feed. Set AOTI_RUNTIME_CHECK_INPUTS=1 to make the binary check them
@@ -44,13 +45,14 @@ import torch
 
 from sambaflow.backends.base import CompiledProgram
 from sambaflow.backends.counters import record_compile
+from sambaflow.backends.rewrites import rewrite_for_inductor
 from sambaflow.errors import SambaBackendError
 from sambaflow.passes.sections import SectionProgram
 
 log = logging.getLogger("sambaflow.compile")
 
 #: bump when what `export` writes changes, so old cache entries stop matching
-FORMAT = "sambaflow-inductor-2"
+FORMAT = "sambaflow-inductor-3"
 CACHE_ENV = "SAMBAFLOW_CACHE_DIR"
 _MODEL = "model"
 _META_KEY = "sambaflow_fingerprint"
@@ -430,24 +432,8 @@ def compile_jit(program: SectionProgram) -> CompiledProgram:
 
 
 def prepared(program: SectionProgram) -> torch.fx.GraphModule:
-    """A copy of the program's graph with every `add/sub(x, y, alpha=a)` written as `x ± y * a`.
-
-    Inductor (torch 2.13, CPU) fuses `mm(a, b).add(p, alpha=c)` into `addmm` and loses `alpha`:
-    the result is `mm + p`, silently. Scaling explicitly keeps any graph (a user's model, a
-    hand-written optimizer) safe from it.
-    """
-    module = copy.deepcopy(program.module)
-    aten = torch.ops.aten
-    for node in list(module.graph.nodes):
-        alpha = node.kwargs.get("alpha", 1) if node.op == "call_function" else 1
-        if node.target in (aten.add.Tensor, aten.sub.Tensor) and alpha != 1:
-            with module.graph.inserting_before(node):
-                scaled = module.graph.call_function(aten.mul.Tensor, (node.args[1], alpha))
-            scaled.meta = dict(node.args[1].meta) if isinstance(node.args[1], torch.fx.Node) else {}
-            node.args = (node.args[0], scaled)
-            node.kwargs = {k: v for k, v in node.kwargs.items() if k != "alpha"}
-    module.recompile()
-    return module
+    """A copy of the program's graph with the rewrites Inductor needs (`rewrites.py`: `alpha`, tanh)."""
+    return rewrite_for_inductor(copy.deepcopy(program.module))
 
 
 def _examples(program: SectionProgram) -> list[torch.Tensor]:

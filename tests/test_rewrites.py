@@ -1,0 +1,84 @@
+"""The graph rewrites the inductor backend applies before compiling (sambaflow/backends/rewrites.py).
+
+These run the rewritten ATen graphs eagerly (no compile): they check the formulas themselves.
+tests/test_inductor_backend.py checks the same rewrites after Inductor compiled them.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from sambaflow.backends.rewrites import rewrite_for_inductor
+
+from helpers import check_tanh, tanh_inputs
+
+aten = torch.ops.aten
+
+
+def rewritten(fn, *examples: torch.Tensor) -> torch.fx.GraphModule:
+    return rewrite_for_inductor(make_fx(fn, tracing_mode="fake")(*examples))
+
+
+def called(module: torch.fx.GraphModule) -> set:
+    return {n.target for n in module.graph.nodes if n.op == "call_function"}
+
+
+def test_fast_tanh_is_within_a_few_ulp_of_torch_tanh():
+    x = tanh_inputs(seed=1)
+    module = rewritten(torch.tanh, x)
+    assert aten.tanh.default not in called(module)
+    check_tanh(module(x), x)
+    # eager's own float32 tanh is within 1.2e-7 of the exact value
+    exact = torch.tanh(x.double())
+    normal = exact.abs() > torch.finfo(torch.float32).tiny
+    assert ((torch.tanh(x).double() - exact).abs() / exact.abs())[normal].max() < 1.2e-7
+
+
+def test_fast_tanh_keeps_nan():
+    x = torch.tensor([float("nan"), 1.0, float("nan")])
+    assert rewritten(torch.tanh, x)(x).isnan().tolist() == [True, False, True]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_tanh_of_other_dtypes_is_left_alone(dtype):
+    x = torch.randn(16).to(dtype)
+    assert aten.tanh.default in called(rewritten(torch.tanh, x))
+
+
+def test_tanh_gradient_through_the_rewritten_step():
+    """The traced backward reads tanh's output (tanh_backward); it must see the rewritten value."""
+
+    def step(x):
+        y = torch.tanh(x * 3)
+        (grad,) = torch.autograd.grad(y.sum(), x)
+        return y, grad
+
+    x = torch.randn(4096, requires_grad=True)
+    module = rewritten(step, x)
+    y, grad = module(x.detach())
+    torch.testing.assert_close(y, torch.tanh(x.detach() * 3), rtol=3e-7, atol=0)
+    # 3 (1 - y^2): y's few-ulp difference shows up absolutely where y^2 is near 1
+    torch.testing.assert_close(grad, 3 * (1 - torch.tanh(x.detach() * 3) ** 2), rtol=1e-5, atol=2e-6)
+    assert not torch.allclose(grad, 1 - y**2, atol=1e-2), "the gradient lost its factor 3"
+
+
+def test_alpha_becomes_an_explicit_product():
+    a, p = torch.randn(8, 4), torch.randn(8, 4)
+    module = rewritten(lambda a, p: (a.add(p, alpha=1e-4), a.sub(p, alpha=3.0), a.add(p)), a, p)
+    alphas = [n.kwargs.get("alpha") for n in module.graph.nodes if n.op == "call_function"]
+    assert alphas == [None] * len(alphas)
+    added, subtracted, plain = module(a, p)
+    torch.testing.assert_close(added, a + 1e-4 * p, rtol=0, atol=0)
+    torch.testing.assert_close(subtracted, a - 3.0 * p, rtol=0, atol=0)
+    torch.testing.assert_close(plain, a + p, rtol=0, atol=0)
+
+
+def test_rewrite_leaves_the_source_graph_untouched():
+    x = torch.randn(8)
+    original = make_fx(torch.tanh, tracing_mode="fake")(x)
+    rewrite_for_inductor(copy.deepcopy(original))
+    assert aten.tanh.default in called(original)
