@@ -305,8 +305,9 @@ def test_in_place_step_writes_back_an_input_with_other_strides(graph, step, in_p
 
 
 # --- the rewrites: the alpha trap (issue 4) and tanh ------------------------------------------------
-def _rewrite_forms(a, b, p, a2, b2, p2, c, x):
-    return torch.mm(a, b).add(p, alpha=1e-4), torch.mm(a2, b2) + c * p2, torch.tanh(x)
+def _rewrite_forms(a, b, p, a2, b2, p2, c, x, rows):
+    batch_sums = (rows * 2).sum(0), rows.sum(0, keepdim=True)  # split into row blocks by Inductor's pass
+    return torch.mm(a, b).add(p, alpha=1e-4), torch.mm(a2, b2) + c * p2, torch.tanh(x), *batch_sums
 
 
 @pytest.fixture(scope="module")
@@ -317,10 +318,16 @@ def alpha_case():
         torch.randn(32, 8, generator=gen),
         torch.randn(16, 8, generator=gen) * 100,
     ]
-    args = args + [t.clone() for t in args] + [torch.tensor(1e-4, dtype=torch.float64), tanh_inputs(seed=2)]
+    rows = torch.randn(512, 40, generator=gen) + 3
+    args = (
+        args
+        + [t.clone() for t in args]
+        + [torch.tensor(1e-4, dtype=torch.float64), tanh_inputs(seed=2), rows]
+    )
     module = make_fx(_rewrite_forms, tracing_mode="fake")(*args)
+    inputs = ["a", "b", "p", "a2", "b2", "p2", "c", "x", "rows"]
     program = SectionProgram(
-        "rewrites", module, ["a", "b", "p", "a2", "b2", "p2", "c", "x"], ["alpha_form", "scaled", "tanh"]
+        "rewrites", module, inputs, ["alpha_form", "scaled", "tanh", "sum0", "sum0_keepdim"]
     )
     expected = args[0] @ args[1] + 1e-4 * args[2]
     return program, args, expected
@@ -328,14 +335,20 @@ def alpha_case():
 
 @pytest.mark.parametrize("mode", ["aot", "jit"])
 def test_compiled_rewrites_keep_alpha_and_tanh(alpha_case, tmp_path_factory, mode):
-    """`mm + c * p` is exact; our backend rewrites `add(p, alpha=c)` so it stays right, and its
-    faster tanh stays within a few ulp of torch.tanh once Inductor compiled it."""
+    """`mm + c * p` is exact; our backend rewrites `add(p, alpha=c)` so it stays right, its faster
+    tanh stays within a few ulp of torch.tanh, and sums over the batch (split in row blocks) stay
+    exact to float32 rounding, once Inductor compiled them."""
     program, args, expected = alpha_case
     cache = tmp_path_factory.mktemp(f"alpha-{mode}")
-    alpha_form, scaled, tanh = InductorBackend(cache_dir=cache, mode=mode).compile(program)(args)
+    alpha_form, scaled, tanh, sum0, sum0_keepdim = InductorBackend(cache_dir=cache, mode=mode).compile(
+        program
+    )(args)
     torch.testing.assert_close(scaled, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(alpha_form, expected, rtol=1e-5, atol=1e-5)
-    check_tanh(tanh, args[-1])
+    check_tanh(tanh, args[-2])
+    rows = args[-1].double()
+    torch.testing.assert_close(sum0.double(), 2 * rows.sum(0), rtol=1e-6, atol=0)
+    torch.testing.assert_close(sum0_keepdim.double(), rows.sum(0, keepdim=True), rtol=1e-6, atol=0)
 
 
 @pytest.mark.xfail(
@@ -346,7 +359,7 @@ def test_raw_inductor_keeps_alpha_after_mm(alpha_case):
     from torch._inductor.compile_fx import compile_fx
 
     program, args, expected = alpha_case
-    alpha_form, _, _ = compile_fx(copy.deepcopy(program.module), list(args))(*args)
+    alpha_form, *_ = compile_fx(copy.deepcopy(program.module), list(args))(*args)
     wrong = args[0] @ args[1] + args[2]
     assert not torch.allclose(alpha_form, wrong), "alpha was dropped: got mm + p"
     torch.testing.assert_close(alpha_form, expected, rtol=1e-5, atol=1e-5)

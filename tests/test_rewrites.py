@@ -1,6 +1,8 @@
-"""The graph rewrites the inductor backend applies before compiling (sambaflow/backends/rewrites.py).
+"""What the inductor backend changes in a graph: the ATen rewrites before compiling
+(sambaflow/backends/rewrites.py) and the pass Inductor runs after its decompositions
+(sambaflow/backends/inductor_passes.py).
 
-These run the rewritten ATen graphs eagerly (no compile): they check the formulas themselves.
+These run the rewritten graphs eagerly (no compile): they check the formulas themselves.
 tests/test_inductor_backend.py checks the same rewrites after Inductor compiled them.
 """
 
@@ -12,6 +14,7 @@ import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from sambaflow.backends.inductor_passes import BlockedBatchSums
 from sambaflow.backends.rewrites import rewrite_for_inductor
 
 from helpers import check_tanh, tanh_inputs
@@ -82,3 +85,36 @@ def test_rewrite_leaves_the_source_graph_untouched():
     original = make_fx(torch.tanh, tracing_mode="fake")(x)
     rewrite_for_inductor(copy.deepcopy(original))
     assert aten.tanh.default in called(original)
+
+
+# --- Inductor's post-grad pass: sums over the batch in row blocks --------------------------------------
+def batch_sums(x, g):
+    return x.sum(0), (x * g).sum(0, keepdim=True), x.sum(1), x[:100].sum(0)
+
+
+def test_batch_sums_are_split_into_row_blocks():
+    x, g = torch.randn(256, 48), torch.randn(256, 48)
+    module = make_fx(batch_sums, tracing_mode="fake")(x, g)
+    BlockedBatchSums()(module.graph)
+    module.recompile()
+    sums = [n for n in module.graph.nodes if n.target is aten.sum.dim_IntList]
+    shapes = sorted(tuple(n.meta["val"].shape) for n in sums)
+    # two sums over 256 rows split (16 partial rows each), the row sum and the 100-row sum left alone
+    assert shapes == sorted([(16, 48), (48,), (16, 48), (1, 48), (256,), (48,)]), shapes
+    exact = batch_sums(x.double(), g.double())
+    for got, want in zip(module(x, g), exact):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_sums_pass_keys_inductors_cache_to_its_source():
+    assert BlockedBatchSums().uuid() == BlockedBatchSums().uuid()
+    assert isinstance(BlockedBatchSums().uuid(), (str, bytes))
+
+
+def test_batch_sums_pass_leaves_full_sums_alone():
+    x = torch.randn(256, 48)
+    module = make_fx(lambda x: (torch.ops.aten.sum.dim_IntList(x, None), x.sum()), tracing_mode="fake")(x)
+    before = module.code
+    BlockedBatchSums()(module.graph)
+    module.recompile()
+    assert module.code == before

@@ -46,6 +46,17 @@ def test_resffn_sgd_momentum_weight_decay(nesterov):
     )
 
 
+def test_resffn_at_a_large_batch():
+    """Batch 256: Inductor's pass sums bias and LayerNorm gradients over the batch in row blocks."""
+    train_side_by_side(
+        lambda: ResFFNLogReg(784, 64, 10),
+        lambda: [torch.randn(256, 784), torch.randint(10, (256,))],
+        lambda m: samba.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4),
+        lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4),
+        steps=10,
+    )
+
+
 def test_sgd_with_dampening():
     train_side_by_side(
         lambda: LogReg(64, 10),

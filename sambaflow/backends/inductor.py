@@ -14,7 +14,8 @@ Two ways to compile, same numerics:
 Before compiling, `prepared` applies `rewrites.py`: `add/sub(..., alpha=a)` as `x + y * a` (Inductor
 in torch 2.13 drops `alpha` in `torch.mm(a, b).add(p, alpha=c)` on the CPU) and float32 `tanh` as
 an exp-based form (Inductor's SLEEF tanh is ~6x slower than exp); tests/test_inductor_backend.py
-keeps these facts checked.
+keeps these facts checked. Inductor also runs `inductor_passes.BlockedBatchSums` on its post-grad
+graph (sums over the batch, e.g. bias gradients, in row blocks).
 
 A loaded program checks input strides (and re-lays out odd ones), not shapes or dtypes: the
 runtime checks what users feed. Set AOTI_RUNTIME_CHECK_INPUTS=1 to make the binary check them
@@ -51,7 +52,8 @@ from sambaflow.passes.sections import SectionProgram
 
 log = logging.getLogger("sambaflow.compile")
 
-#: bump when what `export` writes changes, so old cache entries stop matching
+#: bump when what `export` writes changes (the package layout or metadata); changes to the passes
+#: are caught by `compiler_source_hash` in the cache key
 FORMAT = "sambaflow-inductor-3"
 CACHE_ENV = "SAMBAFLOW_CACHE_DIR"
 _MODEL = "model"
@@ -118,6 +120,16 @@ def fingerprint_parts(program: SectionProgram, for_target: str | None = None) ->
 
 def fingerprint(program: SectionProgram, for_target: str | None = None) -> str:
     return _digest(fingerprint_parts(program, for_target))
+
+
+@functools.lru_cache(maxsize=1)
+def compiler_source_hash() -> str:
+    """What our side of a compile depends on: this backend, its ATen rewrites and Inductor pass."""
+    folder = Path(__file__).parent
+    digest = hashlib.sha256()
+    for name in ("inductor.py", "rewrites.py", "inductor_passes.py"):
+        digest.update((folder / name).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _digest(parts: dict[str, Any]) -> str:
@@ -241,6 +253,8 @@ class PackageCache:
 def _difference(key: str, old: Any, new: Any) -> str:
     if key == "graph":
         return "the graph changed"
+    if key == "compiler":
+        return "sambaflow's inductor backend (its rewrites or passes) changed"
     if isinstance(old, list) and isinstance(new, list):
         pairs = [(a, b) for a, b in zip(old, new) if a != b]
         if pairs:
@@ -371,13 +385,19 @@ class InductorBackend:
         start = time.perf_counter()
         parts = fingerprint_parts(program)
         key = _digest(parts)
-        blob, reason = self.cache.get(key, program.name, parts) if self.use_cache else (None, "cache off")
+        # The cache also keys on our rewrite/pass sources; the package's own fingerprint does not,
+        # so a PEF keeps loading after they change.
+        cached_as = {**parts, "compiler": compiler_source_hash()}
+        cache_key = _digest(cached_as)
+        blob, reason = (
+            self.cache.get(cache_key, program.name, cached_as) if self.use_cache else (None, "cache off")
+        )
         hit = blob is not None
         if blob is None:
             blob = compile_package(program, key, parts["target"])
             if self.use_cache:
                 reason += "; " + (
-                    self.cache.put(key, program.name, parts, blob) or f"stored in {self.cache.root}"
+                    self.cache.put(cache_key, program.name, cached_as, blob) or f"stored in {self.cache.root}"
                 )
         status = "hit" if hit else ("miss" if self.use_cache else "off")
         self._report(CompileReport(program.name, key, status, reason, time.perf_counter() - start, len(blob)))
@@ -401,7 +421,7 @@ def compile_package(program: SectionProgram, key: str, for_target: str) -> bytes
 
     examples = _examples(program)
     notes = {_META_KEY: key, _TARGET_KEY: for_target, "sambaflow_program": program.name}
-    configs = {"aot_inductor.metadata": notes}
+    configs = {"aot_inductor.metadata": notes, **passes()}
     with tempfile.TemporaryDirectory(prefix="sambaflow-aoti-") as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         try:
@@ -421,7 +441,7 @@ def compile_jit(program: SectionProgram) -> CompiledProgram:
     """Compile in this process with `compile_fx` (no package, Inductor's own caches only)."""
     from torch._inductor.compile_fx import compile_fx
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), torch._inductor.config.patch(passes()):
         warnings.simplefilter("ignore", FutureWarning)
         compiled = compile_fx(prepared(program), _examples(program))
 
@@ -434,6 +454,13 @@ def compile_jit(program: SectionProgram) -> CompiledProgram:
 def prepared(program: SectionProgram) -> torch.fx.GraphModule:
     """A copy of the program's graph with the rewrites Inductor needs (`rewrites.py`: `alpha`, tanh)."""
     return rewrite_for_inductor(copy.deepcopy(program.module))
+
+
+def passes() -> dict[str, Any]:
+    """Inductor configuration that adds our post-grad pass (inductor_passes.py)."""
+    from sambaflow.backends.inductor_passes import BlockedBatchSums  # imports Inductor: compile time only
+
+    return {"post_grad_custom_post_pass": BlockedBatchSums()}
 
 
 def _examples(program: SectionProgram) -> list[torch.Tensor]:
