@@ -830,7 +830,7 @@ def print_targets(checks: list[dict[str, Any]]) -> None:
     if checks:
         print("\nTARGETS (issue 4)")
         for c in checks:
-            print(f"  {'met ' if c['met'] else 'MISS'}  {c['target']}: {c['value']:.2f}")
+            print(f"  {'met ' if c['met'] else 'MISS'}  {c['target']}: {c['value']:.3f}")
 
 
 def machine() -> dict[str, Any]:
