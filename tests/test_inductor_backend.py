@@ -2,7 +2,7 @@
 
 Each AOTInductor compile costs 5-20 s here, so the file compiles four programs in all: the
 fused step, the step with in-place updates, and a tiny graph for the `alpha` trap (AOT, then
-compile_fx; it also checks the compiled tanh rewrite). Everything else reuses them through module-scoped fixtures.
+compile_fx; it also checks the compiled tanh and batch-sum rewrites). Everything else reuses them through module-scoped fixtures.
 """
 
 from __future__ import annotations
@@ -304,14 +304,14 @@ def test_in_place_step_writes_back_an_input_with_other_strides(graph, step, in_p
     _in_place_check(graph, step, in_place, seed=6, odd="gemm2__weight")
 
 
-# --- the rewrites: the alpha trap (issue 4) and tanh ------------------------------------------------
+# --- the rewrites: the alpha trap (issue 4), tanh, batch sums ------------------------------------------------
 def _rewrite_forms(a, b, p, a2, b2, p2, c, x, rows):
     batch_sums = (rows * 2).sum(0), rows.sum(0, keepdim=True)  # split into row blocks by Inductor's pass
     return torch.mm(a, b).add(p, alpha=1e-4), torch.mm(a2, b2) + c * p2, torch.tanh(x), *batch_sums
 
 
 @pytest.fixture(scope="module")
-def alpha_case():
+def rewrites_case():
     gen = torch.Generator().manual_seed(0)
     args = [
         torch.randn(16, 32, generator=gen),
@@ -334,12 +334,12 @@ def alpha_case():
 
 
 @pytest.mark.parametrize("mode", ["aot", "jit"])
-def test_compiled_rewrites_keep_alpha_and_tanh(alpha_case, tmp_path_factory, mode):
+def test_compiled_rewrites_keep_alpha_tanh_and_batch_sums(rewrites_case, tmp_path_factory, mode):
     """`mm + c * p` is exact; our backend rewrites `add(p, alpha=c)` so it stays right, its faster
     tanh stays within a few ulp of torch.tanh, and sums over the batch (split in row blocks) stay
     exact to float32 rounding, once Inductor compiled them."""
-    program, args, expected = alpha_case
-    cache = tmp_path_factory.mktemp(f"alpha-{mode}")
+    program, args, expected = rewrites_case
+    cache = tmp_path_factory.mktemp(f"rewrites-{mode}")
     alpha_form, scaled, tanh, sum0, sum0_keepdim = InductorBackend(cache_dir=cache, mode=mode).compile(
         program
     )(args)
@@ -354,11 +354,11 @@ def test_compiled_rewrites_keep_alpha_and_tanh(alpha_case, tmp_path_factory, mod
 @pytest.mark.xfail(
     strict=False, reason="torch 2.13 Inductor (CPU) compiles mm(a, b).add(p, alpha=c) to mm + p"
 )
-def test_raw_inductor_keeps_alpha_after_mm(alpha_case):
+def test_raw_inductor_keeps_alpha_after_mm(rewrites_case):
     """Documents the bug: plain compile_fx on the raw graph loses alpha. XPASS once torch fixes it."""
     from torch._inductor.compile_fx import compile_fx
 
-    program, args, expected = alpha_case
+    program, args, expected = rewrites_case
     alpha_form, *_ = compile_fx(copy.deepcopy(program.module), list(args))(*args)
     wrong = args[0] @ args[1] + args[2]
     assert not torch.allclose(alpha_form, wrong), "alpha was dropped: got mm + p"

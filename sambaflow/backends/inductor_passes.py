@@ -45,7 +45,8 @@ def _batch_sum_shape(node: fx.Node) -> tuple[int, int] | None:
     """(batch, features) when `node` is `sum(x, [0])` of a contiguous 2-D float x worth splitting."""
     if node.op != "call_function" or node.target is not aten.sum.dim_IntList or node.kwargs.get("dtype"):
         return None
-    source, dims = node.args[0], node.args[1]  # dims is None for a sum over everything
+    source = node.args[0]
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")  # None: a sum over everything
     value = source.meta.get("val") if isinstance(source, fx.Node) else None
     if not isinstance(value, torch.Tensor) or value.dim() != 2 or list(dims or []) not in ([0], [-2]):
         return None
