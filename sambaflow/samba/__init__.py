@@ -15,11 +15,13 @@ from sambaflow.tensors.factories import (
     zeros,
 )
 from sambaflow.tensors.model import from_torch_, from_torch_model_
+from sambaflow.tensors.ops import addmm
 from sambaflow.tensors.sambatensor import SambaParameter, SambaTensor
 
 __all__ = [
     "SambaParameter",
     "SambaTensor",
+    "addmm",
     "from_torch",
     "from_torch_",
     "from_torch_model_",

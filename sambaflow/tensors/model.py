@@ -41,6 +41,8 @@ def _converted(param: nn.Parameter, name: str, converted: dict[int, SambaParamet
         return converted[id(param)]
     if isinstance(param, SambaParameter):
         new = param
+        if new.sn_name is None:  # e.g. made by SambaParameter(shape=..., materializer=...)
+            new.sn_name = name
     else:
         new = SambaParameter(param.data, param.requires_grad, name)
     converted[id(param)] = new

@@ -7,11 +7,13 @@ of operators are plain torch tensors: only the tensors a user names are SambaTen
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
+from sambaflow.errors import SambaArgumentError
 from sambaflow.runtime.current import current_session
 
 
@@ -117,11 +119,28 @@ def named_view(tensor: torch.Tensor, name: str) -> SambaTensor:
 
 
 class SambaParameter(SambaTensor, nn.Parameter):
-    """A model parameter converted by `from_torch_model_`: an nn.Parameter with a Samba name."""
+    """A model parameter: an nn.Parameter with a Samba name.
+
+    `SambaParameter(data, requires_grad, name)` wraps `data` (what `from_torch_model_` makes).
+    SambaFlow's lazy form `SambaParameter(shape=..., dtype=..., materializer=fn, requires_grad=...)`
+    makes a tensor of that shape and dtype and fills it with `fn(tensor)` right away (e.g. a
+    transposed copy of another weight); `shape` may be any iterable of ints.
+    """
 
     def __new__(
-        cls, data: torch.Tensor | None = None, requires_grad: bool = True, name: str | None = None
+        cls,
+        data: torch.Tensor | None = None,
+        requires_grad: bool = True,
+        name: str | None = None,
+        *,
+        shape: Iterable[int] | None = None,
+        dtype: torch.dtype | None = None,
+        materializer: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> SambaParameter:
+        if shape is None and (dtype is not None or materializer is not None):
+            raise SambaArgumentError("SambaParameter: dtype= and materializer= need shape= as well")
+        if shape is not None:
+            return _lazy_parameter(cls, shape, dtype, materializer, requires_grad, name, data)
         base = torch.empty(0) if data is None else data.detach()
         tensor = torch.Tensor._make_subclass(cls, base, requires_grad)
         _set_samba_attributes(tensor, name, None)
@@ -135,6 +154,55 @@ class SambaParameter(SambaTensor, nn.Parameter):
 
     def __repr__(self, *, tensor_contents: Any = None) -> str:  # type: ignore[override]
         return "Samba" + super().__repr__().replace("SambaTensor(", "Parameter(", 1)
+
+
+def _lazy_parameter(
+    cls: type[SambaParameter],
+    shape: Iterable[int],
+    dtype: torch.dtype | None,
+    materializer: Callable[[torch.Tensor], torch.Tensor] | None,
+    requires_grad: bool,
+    name: str | None,
+    data: torch.Tensor | None,
+) -> SambaParameter:
+    if data is not None:
+        raise SambaArgumentError("SambaParameter: pass either data or shape=, not both")
+    size = _checked_shape(shape)
+    base = torch.zeros(size, dtype=dtype or torch.get_default_dtype())
+    tensor = torch.Tensor._make_subclass(cls, base, requires_grad)
+    _set_samba_attributes(tensor, name, None)
+    if materializer is not None:
+        _materialize(tensor, materializer)
+    return tensor
+
+
+def _checked_shape(shape: Iterable[int]) -> tuple[int, ...]:
+    try:
+        size = tuple(shape)
+    except TypeError:
+        raise SambaArgumentError(
+            f"SambaParameter: shape= must be an iterable of ints, got {shape!r}"
+        ) from None
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in size):
+        raise SambaArgumentError(f"SambaParameter: shape= must hold non-negative ints, got {size}")
+    return size
+
+
+def _materialize(tensor: SambaParameter, materializer: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Fill `tensor` with `materializer(tensor)`, which must be a tensor of the same shape."""
+    value = materializer(tensor)
+    where = getattr(materializer, "__qualname__", type(materializer).__name__)
+    if not isinstance(value, torch.Tensor):
+        raise SambaArgumentError(
+            f"SambaParameter: materializer {where} returned {type(value).__name__}, not a tensor"
+        )
+    if value.shape != tensor.shape:
+        raise SambaArgumentError(
+            f"SambaParameter: materializer {where} returned shape {tuple(value.shape)}, but the "
+            f"parameter has shape={tuple(tensor.shape)}; make them agree (e.g. transpose the result)"
+        )
+    with torch.no_grad():
+        tensor.copy_(value.detach())
 
 
 def _initial_data(
