@@ -237,9 +237,11 @@ def test_ineffective_arguments_lists_mb_and_n_chips():
 
 def test_ineffective_arguments_covers_every_listed_argument():
     argv = ["compile", "--n-chips", "2", "--num-tiles", "8", "--o0", "--o1", "--mapping", "spatial",
-            "--reduce-on-rdu", "--grad-accumulation-steps", "3", "-mb", "2", "--data-parallel", "-ws", "2"]  # fmt: skip
+            "--reduce-on-rdu", "--grad-accumulation-steps", "3", "-mb", "2", "--data-parallel", "-ws", "2",
+            "--arch", "sn20", "--resources-scaling-factors", "0.8", "0.8", "0.8"]  # fmt: skip
     lines = ineffective_arguments(parse_app_args(argv))
-    assert len(lines) == len(INEFFECTIVE_ARGUMENTS) == 10
+    assert len(lines) == len(INEFFECTIVE_ARGUMENTS) == 12
+    assert any(line.startswith("--resources-scaling-factors [0.8, 0.8, 0.8]:") for line in lines)
     assert any(line.startswith("--mapping spatial") for line in lines)
     assert any(line.startswith("--o0:") for line in lines)
     assert all("no effect" in line for line in lines)

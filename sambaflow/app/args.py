@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from sambaflow.errors import SambaArgumentError
+from sambaflow.logging import set_log_level
 
 COMMAND_HELP = {
     "compile": "trace the model, loss and optimizer into one graph and write a PEF",
@@ -38,6 +39,12 @@ INEFFECTIVE_ARGUMENTS: dict[str, tuple[str, Any, str]] = {
     "num_tiles": ("--num-tiles", 4, "device resources are not modelled"),
     "o0": ("--o0", False, "there are no RDU compiler optimisation levels"),
     "o1": ("--o1", False, "there are no RDU compiler optimisation levels"),
+    "arch": ("--arch", None, "the target is the backend's device (CPU, or CUDA where compiled for it)"),
+    "resources_scaling_factors": (
+        "--resources-scaling-factors",
+        None,
+        "device resources are not modelled",
+    ),
     "mapping": ("--mapping", "section", "only section mapping is implemented"),
     "reduce_on_rdu": ("--reduce-on-rdu", False, "gradients are all-reduced by torch.distributed"),
     "grad_accumulation_steps": ("--grad-accumulation-steps", 1, "gradient accumulation is not implemented"),
@@ -139,6 +146,15 @@ def _add_compiler_args(p: argparse.ArgumentParser) -> None:
     _add(g, "--num-tiles", type=positive_int, default=4, help="device tiles")
     _add(g, "--o0", action="store_true", help="compiler optimisation level 0")
     _add(g, "--o1", action="store_true", help="compiler optimisation level 1")
+    _add(g, "--arch", type=str, default=None, help="RDU architecture, e.g. sn20 or sn30")
+    _add(
+        g,
+        "--resources-scaling-factors",
+        type=float,
+        nargs="+",
+        default=None,
+        help="per-resource scaling of the compiler's estimates, e.g. 0.8 0.8 0.8",
+    )
     _add(g, "--seed", type=int, default=0, help="random seed (default: 0)")
 
 
@@ -288,7 +304,19 @@ def parse_app_args(
     if args.local_rank is None:
         args.local_rank = _env_local_rank()
     args.dev_mode = bool(dev_mode)
+    set_log_level(args.log_level)
+    global _last_parsed
+    _last_parsed = args
     return args
+
+
+_last_parsed: argparse.Namespace | None = None
+
+
+def parsed_args() -> argparse.Namespace | None:
+    """What the last `parse_app_args` returned in this process (`session.compile` reads it when
+    the app passes no `config_dict`, as SambaFlow's tutorials do)."""
+    return _last_parsed
 
 
 # ---------------------------------------------------------------------------- after parsing

@@ -45,8 +45,12 @@ def compile_pef(
     backend: str | None = None,
     **_: Any,
 ) -> str:
-    """Trace and compile `model`'s step (forward only with `inference`) into a PEF; return its path."""
-    config = dict(config_dict or {})
+    """Trace and compile `model`'s step (forward only with `inference`) into a PEF; return its path.
+
+    `config_dict` (default: the arguments `parse_app_args` parsed) gives the PEF's place
+    (`--pef-name`, `--output-folder`, or `-p`) and is recorded in it.
+    """
+    config = dict(config_dict if config_dict is not None else _parsed_config())
     name = name or type(model).__name__
     inference = bool(inference or config.get("inference"))
     path = pef_path_for(name, config, inference)
@@ -66,6 +70,13 @@ def compile_pef(
     )
     log.finish(config, main)
     return path
+
+
+def _parsed_config() -> dict[str, Any]:
+    from sambaflow.app.args import parsed_args
+
+    args = parsed_args()
+    return {} if args is None else vars(args)
 
 
 def _compiled(

@@ -54,7 +54,9 @@ def _program_members(
     kind: str, name: str, program: SectionProgram, binary: bytes | None, members: dict[str, bytes]
 ) -> dict[str, Any]:
     graph_member = f"graphs/{kind}/{name}.json"
-    members[graph_member] = json.dumps(encode_graph(program.module), sort_keys=True).encode()
+    # Key order is data here: a node's keyword arguments must come back in the traced order, or
+    # the decoded graph's code (and so its fingerprint) differs from the compiled one.
+    members[graph_member] = json.dumps(encode_graph(program.module)).encode()
     entry = {"inputs": program.inputs, "outputs": program.outputs, "graph": graph_member, "binary": None}
     if binary:
         twin = next((m for m, data in members.items() if m.endswith(".bin") and data is binary), None)

@@ -40,7 +40,13 @@ def resolve_sections(section_types: Sequence[str] | str | None, compiled: list[s
 
 
 def match_inputs(given: Any, specs: list[TensorSpec]) -> dict[str, torch.Tensor]:
-    """Inputs by name (SambaTensors or a dict), or by position for unnamed tensors."""
+    """Inputs by name (SambaTensors or a dict), or by position for unnamed tensors.
+
+    `None` entries of a list or tuple are skipped: they stand for forward arguments the app left
+    at their defaults, as in the tuple it traced with.
+    """
+    if type(given) in (list, tuple) and any(value is None for value in given):
+        given = [value for value in given if value is not None]
     fast = _in_compiled_order(given, specs)
     if fast is not None:
         return fast

@@ -69,7 +69,9 @@ class Session:
             torch.ones(spec.shape, dtype=spec.dtype) if is_loss else torch.zeros(spec.shape, dtype=spec.dtype)
         )
 
-    def compile(self, model: nn.Module, inputs: Sequence[torch.Tensor], optimizer: Any, **kwargs: Any) -> str:
+    def compile(
+        self, model: nn.Module, inputs: Sequence[torch.Tensor | None], optimizer: Any = None, **kwargs: Any
+    ) -> str:
         """Trace and compile into a PEF file; return its path (see `sambaflow.app.compile`)."""
         from sambaflow.app.compile import compile_pef  # the app layer builds on the runtime
 

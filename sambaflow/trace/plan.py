@@ -23,6 +23,8 @@ class StepPlan:
     paths: dict[str, str]  # samba name -> module path used by functional_call
     optimizers: list[SambaOptimizer]
     backward: bool
+    #: forward's positional arguments: an input's name, or None where the app passed None
+    slots: list[str | None] = field(default_factory=list)
     states: list[tuple[str, torch.Tensor]] = field(default_factory=list)
     unused: set[str] = field(default_factory=set)
 
@@ -39,6 +41,10 @@ class StepPlan:
     def named_state(self) -> list[tuple[str, torch.Tensor]]:
         """Parameters and buffers keyed by their module path, for functional_call."""
         return [(self.paths[n], t) for n, t in self.params + self.buffers]
+
+    def call_args(self, values: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, ...]:
+        """forward's positional arguments: the named values, None where the app passed None."""
+        return tuple(None if name is None else values[name] for name in self.slots)
 
     def value_of(self, name: str) -> torch.Tensor | None:
         return self._values.get(name)
@@ -116,7 +122,8 @@ def make_plan(
         paths[name] = path
         buffers.append((name, buffer.detach()))
     _check_optimizers(optimizers, params)
-    return StepPlan(_named_inputs(inputs), params, buffers, paths, list(optimizers), backward)
+    named, slots = _named_inputs(inputs)
+    return StepPlan(named, params, buffers, paths, list(optimizers), backward, slots)
 
 
 def _named_parameters(model: nn.Module) -> tuple[list[tuple[str, torch.Tensor]], dict[str, str]]:
@@ -132,23 +139,36 @@ def _named_parameters(model: nn.Module) -> tuple[list[tuple[str, torch.Tensor]],
     return params, paths
 
 
-def _named_inputs(inputs: Sequence[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+def _named_inputs(
+    inputs: Sequence[torch.Tensor | None],
+) -> tuple[list[tuple[str, torch.Tensor]], list[str | None]]:
+    """The named inputs, and forward's positional slots (None entries stay None: the defaults).
+
+    Inputs are traced contiguous: the compiled graph expects dense inputs whatever view the app
+    traced with (an expanded position-ids tensor, say), and the runtime lays feeds out to match.
+    """
     if isinstance(inputs, torch.Tensor):
         inputs = (inputs,)
     named: list[tuple[str, torch.Tensor]] = []
+    slots: list[str | None] = []
     for i, value in enumerate(inputs):
+        if value is None:
+            slots.append(None)
+            continue
         name = getattr(value, "sn_name", None)
         if not isinstance(value, torch.Tensor) or name is None:
             raise SambaTraceError(
                 f"input {i} ({type(value).__name__}) has no name: create inputs with "
-                "samba.randn(..., name='x', batch_dim=0) or samba.from_torch_tensor(t, name='x')"
+                "samba.randn(..., name='x', batch_dim=0) or samba.from_torch_tensor(t, name='x'); "
+                "pass None for a forward argument left at its default"
             )
         if any(n == name for n, _ in named):
             raise SambaTraceError(f"two inputs are named '{name}': input names must be unique")
-        plain = value.as_subclass(torch.Tensor).detach().requires_grad_(value.requires_grad)
+        plain = value.as_subclass(torch.Tensor).detach().contiguous().requires_grad_(value.requires_grad)
         plain.batch_dim = getattr(value, "batch_dim", None)
         named.append((name, plain))
-    return named
+        slots.append(name)
+    return named, slots
 
 
 def _check_optimizers(optimizers: Sequence[SambaOptimizer], params: list[tuple[str, torch.Tensor]]) -> None:

@@ -9,8 +9,9 @@ from forward to backward to optimizer; every node is tagged with its section.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import fx, nn
@@ -21,6 +22,7 @@ from torch.utils import _pytree as pytree
 
 from sambaflow.errors import SambaTraceError
 from sambaflow.optim.base import SambaOptimizer
+from sambaflow.trace.casts import IndexCasts, looks_compiled
 from sambaflow.trace.graph import (
     BUFFER,
     GRAD,
@@ -36,7 +38,7 @@ from sambaflow.trace.graph import (
     TensorSpec,
     TracedGraph,
 )
-from sambaflow.trace.hooks import DropoutAsInput, DropoutSite, watching_modules
+from sambaflow.trace.hooks import DropoutAsInput, DropoutSite, ModuleWatch, watching_modules
 from sambaflow.trace.locate import trace_error
 from sambaflow.trace.plan import StepPlan, make_plan
 
@@ -85,10 +87,10 @@ def _probe_forward(model: nn.Module, plan: StepPlan) -> ForwardProbe:
     mode = FakeTensorMode()
     with mode:
         values = {n: mode.from_tensor(t).requires_grad_(t.requires_grad) for n, t in plan.named_state()}
-        args = [mode.from_tensor(t).requires_grad_(t.requires_grad) for _, t in plan.inputs]
+        args = {n: mode.from_tensor(t).requires_grad_(t.requires_grad) for n, t in plan.inputs}
     try:
-        with mode, watching_modules(model) as watch, DropoutAsInput(watch, lambda s: s.p) as drop:
-            result = functional_call(model, values, tuple(args))
+        with mode, library_calls(model, lambda s: s.p) as (watch, drop):
+            result = functional_call(model, values, plan.call_args(args))
     except Exception as exc:
         raise trace_error(exc, type(model).__name__) from None
     outputs = _flatten_outputs(result, model)
@@ -160,15 +162,23 @@ def _step_function(
     def step(*flat: torch.Tensor) -> list[torch.Tensor]:
         named = {spec.name: value for spec, value in zip(specs, flat)}
         state = {plan.paths[n]: named[n] for n, _ in plan.params + plan.buffers}
-        args = tuple(named[n] for n, _ in plan.inputs)
-        with watching_modules(model) as watch, DropoutAsInput(watch, lambda s: named[s.name]):
-            outputs = pytree.tree_leaves(functional_call(model, state, args))
+        with library_calls(model, lambda s: named[s.name]):
+            outputs = pytree.tree_leaves(functional_call(model, state, plan.call_args(named)))
         marks.append(_node_count())
         if not plan.backward:
             return outputs
         return outputs + _backward_and_update(plan, probe, named, outputs, marks)
 
     return step
+
+
+@contextlib.contextmanager
+def library_calls(model: nn.Module, probability: Any) -> Iterator[tuple[ModuleWatch, DropoutAsInput]]:
+    """While the model runs under the tracer: module paths, dropout as inputs, index casts, and
+    `torch.compiler.is_compiling()` True (libraries then take their traceable paths)."""
+    with looks_compiled(), watching_modules(model) as watch, DropoutAsInput(watch, probability) as drop:
+        with IndexCasts():
+            yield watch, drop
 
 
 def _node_count() -> int:
