@@ -1,5 +1,6 @@
 import os
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -8,6 +9,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 # Tests are about semantics unless they ask for a backend: the eager reference backend is the
 # default here (subprocesses inherit it); Inductor tests name their backend explicitly.
 os.environ.setdefault("SAMBAFLOW_BACKEND", "reference")
+# Compiled packages go to a fresh folder per test session, never the user's ~/.cache (set
+# SAMBAFLOW_CACHE_DIR to keep one across sessions).
+os.environ.setdefault("SAMBAFLOW_CACHE_DIR", tempfile.mkdtemp(prefix="sambaflow-test-cache-"))
 
 
 @pytest.fixture(autouse=True)
