@@ -56,9 +56,13 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
     return ids, labels
 
 
-def tutorial_inputs(ids: torch.Tensor, labels: torch.Tensor) -> tuple:
-    """GPT2LMHeadModel.forward's positional arguments, as SambaFlow's tutorial passes them."""
-    positions = torch.arange(ids.shape[1]).short().unsqueeze(0).expand(ids.shape)  # a stride-0 view
+def tutorial_inputs(ids: torch.Tensor, labels: torch.Tensor, expanded: bool = True) -> tuple:
+    """GPT2LMHeadModel.forward's positional arguments, as SambaFlow's tutorial passes them.
+
+    The tutorial's position ids are an expanded (stride-0) view; `expanded=False` feeds them dense.
+    """
+    positions = torch.arange(ids.shape[1]).short().unsqueeze(0).expand(ids.shape)
+    positions = positions if expanded else positions.contiguous()
     return (
         samba.from_torch_tensor(ids.int(), name="input_ids"),
         None,
@@ -125,7 +129,8 @@ def test_ten_adamw_steps_three_groups_with_clipping(backend):
     clipped = 0
     for step in range(10):
         ids, labels = batch()
-        loss = samba.session.run(tutorial_inputs(ids, labels), outputs, hyperparam_dict={"p": 0.0})[0]
+        inputs = tutorial_inputs(ids, labels, expanded=step % 2 == 0)  # traced expanded, fed both ways
+        loss = samba.session.run(inputs, outputs, hyperparam_dict={"p": 0.0})[0]
         for opt in gold_optims:
             opt.zero_grad()
         want = gold(ids, labels=labels).loss

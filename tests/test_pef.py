@@ -326,3 +326,23 @@ def test_test_command_reports_failures_and_exits_non_zero(capsys):
     assert exit_info.value.code == 1
     out = capsys.readouterr().out
     assert "gemm3__outputs__0" in out and "FAIL" in out and "test FAILED" in out
+
+
+def test_graph_keyword_arguments_keep_their_order():
+    """A node's kwargs come back from the PEF in the traced order, so the decoded program's code
+    (which the inductor backend fingerprints) is the code that was compiled."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from sambaflow.passes.sections import SectionProgram
+    from sambaflow.pef.codec import decode_graph
+    from sambaflow.pef.file import _program_members
+
+    def build(x):
+        return x + torch.ones(x.shape, dtype=torch.float32, layout=torch.strided, device="cpu")
+
+    module = make_fx(build)(torch.randn(3))
+    kwargs = [list(n.kwargs) for n in module.graph.nodes if n.kwargs]
+    assert kwargs and kwargs[0] != sorted(kwargs[0])  # the case sorting used to break
+    members: dict[str, bytes] = {}
+    entry = _program_members("train", "step", SectionProgram("step", module, ["x"], ["y"]), None, members)
+    assert decode_graph(json.loads(members[entry["graph"]])).code == module.code
