@@ -346,3 +346,21 @@ def test_graph_keyword_arguments_keep_their_order():
     members: dict[str, bytes] = {}
     entry = _program_members("train", "step", SectionProgram("step", module, ["x"], ["y"]), None, members)
     assert decode_graph(json.loads(members[entry["graph"]])).code == module.code
+
+
+def test_compile_without_config_reads_the_parsed_args(tmp_path, monkeypatch):
+    """SambaNova's tutorials call `session.compile(model, inputs[, optims])` with no config_dict:
+    the PEF goes where `--output-folder`/`--pef-name` say, `--inference` makes it forward-only."""
+    from sambaflow.samba.utils.argparser import parse_app_args
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sambaflow.app.args._last_parsed", None)  # restored after the test
+    argv = ["compile", "--inference", "--pef-name=inference", "--output-folder=there", "--arch", "sn20"]
+    parse_app_args(argv)
+    model, inputs, _ = build()
+    path = samba.session.compile(model, inputs)
+    assert path == "there/inference/inference.pef" and (tmp_path / path).exists()
+    manifest, _ = read_manifest(tmp_path / path)
+    assert manifest["inference"] and list(manifest["graphs"]) == ["inference"]
+    log = (tmp_path / "there/inference/inference.compile.log").read_text()
+    assert "NO EFFECT: --arch sn20" in log
