@@ -290,3 +290,15 @@ def test_yaml_invalid_syntax(tmp_path):
     path.write_text("a: [1, 2\n")
     with pytest.raises(SambaArgumentError, match="bad.yaml.*not valid YAML"):
         argparser.parse_yaml_to_args(str(path), parse_app_args(["run"]))
+
+
+def test_log_level_sets_the_samba_logger():
+    import logging
+
+    from sambaflow.logging import set_log_level
+
+    try:
+        parse_app_args(["run", "--log-level", "ERROR"])
+        assert logging.getLogger("sambaflow").getEffectiveLevel() == logging.ERROR
+    finally:
+        set_log_level("warning")
