@@ -196,6 +196,20 @@ def test_compile_reuses_the_cache(backend, graph, step, exported):
     )
 
 
+def test_another_thread_count_is_a_cache_miss(backend, step, exported):
+    """Inductor's C++ is generated for the thread count: a package from the cache must match it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        backend.export(step)
+    finally:
+        torch.set_num_threads(threads)
+    report = backend.last_report
+    assert report.cache == "miss" and f"compiled for {threads} threads, now {threads + 1}" in report.reason
+    backend.export(step)
+    assert backend.last_report.cache == "hit"
+
+
 def test_a_miss_says_what_changed(backend, step, exported):
     parts = fingerprint_parts(step)
     parts["inputs"] = [p.replace("[16, 784]", "[32, 784]") for p in parts["inputs"]]

@@ -255,6 +255,8 @@ def _difference(key: str, old: Any, new: Any) -> str:
         return "the graph changed"
     if key == "compiler":
         return "sambaflow's inductor backend (its rewrites or passes) changed"
+    if key == "threads":
+        return f"compiled for {old} threads, now {new} (torch.get_num_threads(), e.g. OMP_NUM_THREADS)"
     if isinstance(old, list) and isinstance(new, list):
         pairs = [(a, b) for a, b in zip(old, new) if a != b]
         if pairs:
@@ -387,7 +389,8 @@ class InductorBackend:
         key = _digest(parts)
         # The cache also keys on our rewrite/pass sources; the package's own fingerprint does not,
         # so a PEF keeps loading after they change.
-        cached_as = {**parts, "compiler": compiler_source_hash()}
+        # Inductor also writes the thread count into the C++ it generates (its parallel loops).
+        cached_as = {**parts, "compiler": compiler_source_hash(), "threads": torch.get_num_threads()}
         cache_key = _digest(cached_as)
         blob, reason = (
             self.cache.get(cache_key, program.name, cached_as) if self.use_cache else (None, "cache off")
