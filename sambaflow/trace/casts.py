@@ -22,12 +22,15 @@ from torch.overrides import TorchFunctionMode
 def looks_compiled() -> Iterator[None]:
     """`torch.compiler.is_compiling()` (and `is_exporting()`) read True inside this block."""
     compiler = torch.compiler
-    saved = compiler._is_compiling_flag, compiler._is_exporting_flag
-    compiler._is_compiling_flag = compiler._is_exporting_flag = True
+    flags = [f for f in ("_is_compiling_flag", "_is_exporting_flag") if hasattr(compiler, f)]
+    saved = {flag: getattr(compiler, flag) for flag in flags}  # torch.export sets these two
+    for flag in flags:
+        setattr(compiler, flag, True)
     try:
         yield
     finally:
-        compiler._is_compiling_flag, compiler._is_exporting_flag = saved
+        for flag, value in saved.items():
+            setattr(compiler, flag, value)
 
 
 _EMBEDDING_INDEX = (torch.int32, torch.int64)
