@@ -113,13 +113,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT / "examples"))
 
+import gpt2_app  # noqa: E402  (examples/gpt2_app.py: the tutorial's groups, generation inputs)
 import transformers  # noqa: E402
 from step_bench import (  # noqa: E402  (benchmarks/step_bench.py: the shared method)
     cpu_seconds,
@@ -216,26 +217,17 @@ CONFIGS = {
 
 
 # --- optimizers ---------------------------------------------------------------------------------
-def param_groups(model: nn.Module) -> list[list[nn.Parameter]]:
-    """The tutorial's three groups: embeddings; other weights; biases and LayerNorm weights."""
-    embeddings = {id(p): p for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
-    others = [(n, p) for n, p in model.named_parameters() if id(p) not in embeddings]
-    no_decay = [p for n, p in others if "bias" in n or "ln" in n]
-    decay = [p for n, p in others if not ("bias" in n or "ln" in n)]
-    return [list(embeddings.values()), decay, no_decay]
-
-
 def torch_optimizers(model: nn.Module, decays=GROUP_DECAY) -> list[torch.optim.AdamW]:
     return [
         torch.optim.AdamW(group, lr=LR, betas=BETAS, eps=EPS, weight_decay=decay)
-        for group, decay in zip(param_groups(model), decays)
+        for group, decay in zip(gpt2_app.parameter_groups(model), decays)
     ]
 
 
 def samba_optimizers(model: nn.Module) -> list:
     return [
         samba.optim.AdamW(group, lr=LR, betas=BETAS, eps=EPS, weight_decay=decay, max_grad_norm=MAX_NORM)
-        for group, decay in zip(param_groups(model), GROUP_DECAY)
+        for group, decay in zip(gpt2_app.parameter_groups(model), GROUP_DECAY)
     ]
 
 
@@ -310,7 +302,7 @@ FULLGRAPH_DESCRIPTION = {
 
 def fullgraph_step(model: nn.Module, batches, form: str) -> Step:
     """One torch.compile(fullgraph=True) function: forward, gradients, clipping, AdamW per group."""
-    states = [AdamWState(g, d) for g, d in zip(param_groups(model), GROUP_DECAY)]
+    states = [AdamWState(g, d) for g, d in zip(gpt2_app.parameter_groups(model), GROUP_DECAY)]
     params = [p for s in states for p in s.params]
 
     def update(grads: list[torch.Tensor]) -> None:
@@ -688,15 +680,7 @@ def measure_memory(config: Config, args: argparse.Namespace, form: str | None, n
 # --- generation ----------------------------------------------------------------------------------------
 def generation_inputs(ids: torch.Tensor) -> tuple:
     """The ids padded to GEN_LENGTH, their attention mask and positions, as the tutorial feeds them."""
-    given = ids.shape[1]
-    mask = F.pad(torch.ones(1, given), (0, GEN_LENGTH - given))[:, None, :]
-    return (
-        samba.from_torch_tensor(F.pad(ids, (0, GEN_LENGTH - given), value=EOS).int(), name="input_ids"),
-        None,
-        samba.from_torch_tensor(mask, name="attention_mask"),
-        None,
-        samba.from_torch_tensor(torch.arange(GEN_LENGTH).short().unsqueeze(0), name="input_position_ids"),
-    )
+    return gpt2_app.generation_inputs(ids, GEN_LENGTH, EOS)
 
 
 @contextlib.contextmanager

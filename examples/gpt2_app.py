@@ -173,6 +173,20 @@ def evaluate(args, model: nn.Module, tokenizer) -> float:
     return correct / total
 
 
+def generation_inputs(ids: torch.Tensor, length: int, pad_id: int) -> tuple:
+    """GPT2LMHeadModel.forward's positional arguments for one prompt padded to the compiled
+    `length`: token ids, attention mask `[1, 1, length]` (1 on the prompt), positions."""
+    given = ids.shape[1]
+    mask = F.pad(torch.ones(1, given), (0, length - given))[:, None, :]
+    return (
+        samba.from_torch_tensor(F.pad(ids, (0, length - given), value=pad_id).int(), name="input_ids"),
+        None,
+        samba.from_torch_tensor(mask, name="attention_mask"),
+        None,
+        samba.from_torch_tensor(torch.arange(length).short().unsqueeze(0), name="input_position_ids"),
+    )
+
+
 def generate(args, model: GPT2LMHeadModel, tokenizer) -> None:
     """Hugging Face's generate, with every forward call run on the device (no KV cache)."""
     if Path(args.checkpoint).exists():
@@ -185,16 +199,7 @@ def generate(args, model: GPT2LMHeadModel, tokenizer) -> None:
 
     def forward_on_device(self, *_, **kwargs):
         given = kwargs["input_ids"].shape[1]
-        ids = F.pad(kwargs["input_ids"], (0, length - given), value=tokenizer.eos_token_id)
-        mask = F.pad(torch.ones(1, given), (0, length - given))[:, None, :]
-        positions = torch.arange(length).short().unsqueeze(0)
-        inputs = (
-            samba.from_torch_tensor(ids.int(), name="input_ids"),
-            None,
-            samba.from_torch_tensor(mask, name="attention_mask"),
-            None,
-            samba.from_torch_tensor(positions, name="input_position_ids"),
-        )
+        inputs = generation_inputs(kwargs["input_ids"], length, tokenizer.eos_token_id)
         logits = samba.session.run(inputs, outputs, hyperparam_dict={"p": 0.0}, section_types=["fwd"])[0]
         return CausalLMOutput(logits=logits[:, :given].float())
 

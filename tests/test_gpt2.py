@@ -14,6 +14,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from test_apps_e2e import load_example
 from torch import nn
 
 from sambaflow import samba
@@ -22,6 +23,7 @@ from sambaflow.samba import utils
 from helpers import rel_err
 
 transformers = pytest.importorskip("transformers")
+GPT2_APP = load_example("gpt2_app")  # the tutorial's parameter groups and generation inputs
 
 BATCH, SEQ, VOCAB = 4, 16, 96
 TOLERANCE = {"reference": 2e-5, "inductor": 2e-4}
@@ -78,19 +80,16 @@ def tutorial_inputs(ids: torch.Tensor, labels: torch.Tensor, expanded: bool = Tr
 
 
 def three_adamw(model: nn.Module, make: type, max_grad_norm: float | None) -> list:
-    """The tutorial's grouping: embeddings, decayed weights, biases and LayerNorms undecayed."""
-    embeddings = [p for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()]
-    ids = {id(p) for p in embeddings}
-    others = [(n, p) for n, p in model.named_parameters() if id(p) not in ids]
-    no_decay = [(n, p) for n, p in others if "bias" in n or "ln" in n]
-    decay = [(n, p) for n, p in others if not ("bias" in n or "ln" in n)]
+    """The tutorial's grouping (examples/gpt2_app.py): embeddings, decayed weights, biases and
+    LayerNorms undecayed."""
+    embeddings, decay, no_decay = GPT2_APP.parameter_groups(model)
     clip = {} if make is torch.optim.AdamW else {"max_grad_norm": max_grad_norm}
     settings = dict(lr=2e-3, betas=(0.9, 0.997), eps=1e-8, **clip)
     return [
         # weight decay 0.5 (the tutorial's is 0.1): a lost decay term then moves weights by 1e-2
         make(embeddings, weight_decay=0.5, **settings),
-        make([p for _, p in decay], weight_decay=0.5, **settings),
-        make([p for _, p in no_decay], weight_decay=0.0, **settings),
+        make(decay, weight_decay=0.5, **settings),
+        make(no_decay, weight_decay=0.0, **settings),
     ]
 
 
@@ -206,16 +205,7 @@ def test_greedy_generation_through_session_run_matches_generate(backend, monkeyp
 
 def generation_inputs(ids: torch.Tensor, length: int) -> tuple:
     """A prompt padded to the compiled length, with its attention mask (as the tutorial feeds it)."""
-    mask = F.pad(torch.ones_like(ids), (0, length - ids.shape[1]))[:, None, :].float()
-    padded = F.pad(ids, (0, length - ids.shape[1]))
-    positions = torch.arange(length).short().unsqueeze(0)
-    return (
-        samba.from_torch_tensor(padded.int(), name="input_ids"),
-        None,
-        samba.from_torch_tensor(mask, name="attention_mask"),
-        None,
-        samba.from_torch_tensor(positions, name="input_position_ids"),
-    )
+    return GPT2_APP.generation_inputs(ids, length, pad_id=0)
 
 
 def test_optimizer_groups_are_disjoint_and_cover_the_model():

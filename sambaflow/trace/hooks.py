@@ -106,9 +106,14 @@ class DropoutAsInput(TorchFunctionMode):
         enable_gqa: bool = False,
     ) -> torch.Tensor:
         if float(dropout_p) == 0.0:
-            extra = {"enable_gqa": True} if enable_gqa else {}
             return F.scaled_dot_product_attention(
-                query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale, **extra
+                query,
+                key,
+                value,
+                attn_mask=attn_mask,
+                is_causal=is_causal,
+                scale=scale,
+                enable_gqa=enable_gqa,
             )
         site = self._site(float(dropout_p), "attention")
         p = self.probability(site)
