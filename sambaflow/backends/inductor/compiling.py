@@ -1,0 +1,75 @@
+"""Compile a section program with TorchInductor: ahead of time into a `.pt2` package, or in-process (JIT)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from sambaflow.backends.base import CompiledProgram
+from sambaflow.backends.inductor.fingerprint import input_values
+from sambaflow.backends.inductor.package import META_KEY, TARGET_KEY
+from sambaflow.backends.rewrites import rewrite_for_inductor
+from sambaflow.errors import SambaBackendError
+from sambaflow.passes.sections import SectionProgram
+
+
+def compile_package(program: SectionProgram, key: str, for_target: str) -> bytes:
+    """torch.export the traced graph, compile it with AOTInductor, return the package bytes."""
+    from torch._inductor import aoti_compile_and_package
+    from torch.export import export
+
+    examples = _examples(program)
+    notes = {META_KEY: key, TARGET_KEY: for_target, "sambaflow_program": program.name}
+    configs = {"aot_inductor.metadata": notes, **passes()}
+    with tempfile.TemporaryDirectory(prefix="sambaflow-aoti-") as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            exported = export(prepared(program), tuple(examples), strict=False)
+            path = aoti_compile_and_package(
+                exported, package_path=os.path.join(tmp, f"{program.name}.pt2"), inductor_configs=configs
+            )
+        except Exception as exc:
+            raise SambaBackendError(
+                f"inductor: AOT compile of program '{program.name}' failed ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}); use backend 'reference'"
+            ) from exc
+        return Path(path).read_bytes()
+
+
+def compile_jit(program: SectionProgram) -> CompiledProgram:
+    """Compile in this process with `compile_fx` (no package, Inductor's own caches only)."""
+    from torch._inductor.compile_fx import compile_fx
+
+    with warnings.catch_warnings(), torch._inductor.config.patch(passes()):
+        warnings.simplefilter("ignore", FutureWarning)
+        compiled = compile_fx(prepared(program), _examples(program))
+
+    def run(tensors: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
+        return compiled(*tensors)
+
+    return run
+
+
+def prepared(program: SectionProgram) -> torch.fx.GraphModule:
+    """A copy of the program's graph with the rewrites Inductor needs (`rewrites.py`: `alpha`, tanh)."""
+    return rewrite_for_inductor(copy.deepcopy(program.module))
+
+
+def passes() -> dict[str, Any]:
+    """Inductor configuration that adds our post-grad pass (inductor_passes.py)."""
+    from sambaflow.backends.inductor_passes import BlockedBatchSums  # imports Inductor: compile time only
+
+    return {"post_grad_custom_post_pass": BlockedBatchSums()}
+
+
+def _examples(program: SectionProgram) -> list[torch.Tensor]:
+    return [
+        torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device).zero_()
+        for v in input_values(program)
+    ]
