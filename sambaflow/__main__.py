@@ -1,4 +1,4 @@
-"""`python -m sambaflow inspect out/x/x.pef`: print what a PEF holds."""
+"""`python -m sambaflow inspect out/x/x.pef`: print what a PEF holds; `... cache list|verify|prune`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,12 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     inspect = commands.add_parser("inspect", help="print a PEF's manifest: sections, tensors, versions")
     inspect.add_argument("pef", help="path to a .pef file")
+    from sambaflow.app import cache_command
+
+    cache_command.add_parser(commands)
     args = parser.parse_args(argv)
+    if args.command == "cache":
+        return cache_command.run(args)
     from sambaflow.pef.inspect import describe
 
     try:
