@@ -60,11 +60,15 @@ def read_manifest(path):
 
 
 def rewrite(path, target, edit_manifest=None, drop=None):
+    """A copy of the PEF with its manifest edited (its own checksum recomputed) or a member dropped."""
+    from sambaflow.pef.consistency import manifest_digest
+
     with zipfile.ZipFile(path) as archive:
         members = {n: archive.read(n) for n in archive.namelist()}
     if edit_manifest:
         manifest = json.loads(members["manifest.json"])
         edit_manifest(manifest)
+        manifest["manifest_sha256"] = manifest_digest(manifest)
         members["manifest.json"] = json.dumps(manifest).encode()
     with zipfile.ZipFile(target, "w") as archive:
         for name, data in members.items():
@@ -76,7 +80,7 @@ def rewrite(path, target, edit_manifest=None, drop=None):
 def test_compile_writes_pef_and_log(pef_path):
     assert pef_path.endswith("ffn/ffn.pef")
     manifest, names = read_manifest(pef_path)
-    assert manifest["format"] == "sambaflow-pef" and manifest["format_version"] == 1
+    assert manifest["format"] == "sambaflow-pef" and manifest["format_version"] == 2
     assert manifest["producer"]["torch"] == torch.__version__ and manifest["target"]["backend"] == "reference"
     assert manifest["compile_args"]["n_chips"] == 2
     train = manifest["graphs"]["train"]
@@ -177,11 +181,11 @@ def damaged_variants(pef_path, tmp_path):
         ),
         "future version": (
             rewrite(pef_path, tmp_path / "future.pef", edit_manifest=lambda m: m.update(format_version=99)),
-            "format version 99.*reads format versions up to 1",
+            "format version 99.*reads format versions up to 2",
         ),
         "older version": (
-            rewrite(pef_path, tmp_path / "old.pef", edit_manifest=lambda m: m.update(format_version=0)),
-            "older PEF format version 0",
+            rewrite(pef_path, tmp_path / "old.pef", edit_manifest=lambda m: m.update(format_version=1)),
+            "older PEF format version 1",
         ),
         "not a zip": (str(text), "not a zip file"),
         "absent": (str(tmp_path / "nope.pef"), "does not exist"),
@@ -189,7 +193,7 @@ def damaged_variants(pef_path, tmp_path):
             rewrite(
                 pef_path,
                 tmp_path / "tampered.pef",
-                edit_manifest=lambda m: m["members"].update({"graphs/train/step.json": "0" * 64}),
+                edit_manifest=lambda m: m["members"]["graphs/train/step.json"].update(sha256="0" * 64),
             ),
             r"fail their checksum",
         ),
@@ -227,9 +231,13 @@ def test_foreign_op_in_graph_is_refused(pef_path, tmp_path):
     manifest = json.loads(members["manifest.json"])
     import hashlib
 
-    manifest["members"]["graphs/train/step.json"] = hashlib.sha256(
-        members["graphs/train/step.json"]
-    ).hexdigest()
+    from sambaflow.pef.consistency import manifest_digest
+
+    manifest["members"]["graphs/train/step.json"] = {
+        "sha256": hashlib.sha256(members["graphs/train/step.json"]).hexdigest(),
+        "size": len(members["graphs/train/step.json"]),
+    }
+    manifest["manifest_sha256"] = manifest_digest(manifest)
     members["manifest.json"] = json.dumps(manifest).encode()
     target = tmp_path / "foreign.pef"
     with zipfile.ZipFile(target, "w") as archive:
@@ -244,8 +252,11 @@ def test_inspect_prints_the_manifest(pef_path, capsys):
     assert cli_main(["inspect", pef_path]) == 0
     text = capsys.readouterr().out
     for needle in (
-        "format version 1",
+        "format version 2",
         "backend reference on cpu",
+        "trust: unsigned",
+        "native code: none",
+        "runs that code in your process",
         "graph 'train': sections fwd, bckwd, opt",
         "gemm1__weight",
         "param",
@@ -334,7 +345,7 @@ def test_graph_keyword_arguments_keep_their_order():
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from sambaflow.passes.sections import SectionProgram
-    from sambaflow.pef.codec import decode_graph
+    from sambaflow.pef.decode import decode_graph
     from sambaflow.pef.file import _program_members
 
     def build(x):

@@ -129,6 +129,15 @@ def _add_pef_args(p: argparse.ArgumentParser) -> None:
     )
     _add(g, "--output-folder", type=str, default="out", help="where compile writes (default: out)")
     _add(g, "--pef-name", type=str, default=None, help="PEF name (default: generated)")
+    _add(
+        g,
+        "--sign-key",
+        type=str,
+        default=None,
+        metavar="FILE",
+        help="compile: sign the PEF with this key; run: load only PEFs signed with it "
+        "(default: $SAMBAFLOW_SIGN_KEY; the file holds >= 32 random bytes, mode 0600)",
+    )
 
 
 def _add_compiler_args(p: argparse.ArgumentParser) -> None:

@@ -16,7 +16,9 @@ from torch import nn
 import sambaflow
 from sambaflow.app.backend_choice import choose_backend
 from sambaflow.app.tracing import optimizer_list, progress
+from sambaflow.pef.atomic import atomic_write
 from sambaflow.pef.file import CompiledGraph, write_pef
+from sambaflow.pef.sign import key_path, load_key
 from sambaflow.runtime.executable import Executable
 from sambaflow.trace.tracer import trace_step
 
@@ -54,6 +56,7 @@ def compile_pef(
     name = name or type(model).__name__
     inference = bool(inference or config.get("inference"))
     path = pef_path_for(name, config, inference)
+    key = load_key(key_path(config.get("sign_key")))  # a bad key file fails before a long compile
     log = CompileLog(path)
     chosen = choose_backend(backend or config.get("backend"), log.note)
     started = time.perf_counter()
@@ -64,9 +67,11 @@ def compile_pef(
     graphs["inference"] = _compiled(model, inputs, [], loss_indices, chosen, log)
     header = _header(name, chosen, config, pef_metadata, inference, init_output_grads, app_dir)
     main = graphs.get("train", graphs["inference"]).graph
-    write_pef(path, header, graphs, main.as_text())
+    write_pef(path, header, graphs, main.as_text(), key)
+    signed = f", signed with {key.source}" if key else ""
     log.note(
-        f"wrote {path} ({os.path.getsize(path) / 1024:.0f} KiB) in {time.perf_counter() - started:.1f} s"
+        f"wrote {path} ({os.path.getsize(path) / 1024:.0f} KiB{signed}) in "
+        f"{time.perf_counter() - started:.1f} s"
     )
     log.finish(config, main)
     return path
@@ -130,7 +135,7 @@ def _header(
             "python": platform.python_version(),
         },
         "target": {"backend": backend.name, "device": getattr(backend, "device", "cpu")},
-        "compile_args": jsonable(config),
+        "compile_args": jsonable({k: v for k, v in config.items() if k != "sign_key"}),
         "pef_metadata": jsonable(metadata or {}),
         "inference": inference,
         "init_output_grads": init_output_grads,
@@ -174,9 +179,8 @@ class CompileLog:
         report += [f"run-time hyperparameters: {graph.hyper_defaults}"]
         for line in unused:
             progress(f"note: {line}")
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        with open(self.path, "w") as handle:
-            handle.write("\n".join(self.lines + report) + "\n")
+        with atomic_write(self.path) as handle:  # concurrent compiles each leave a whole log
+            handle.write(("\n".join(self.lines + report) + "\n").encode())
 
 
 def _namespace(config: dict[str, Any]) -> Any:

@@ -16,6 +16,7 @@ from sambaflow.optim.base import SambaOptimizer
 from sambaflow.pef.check import check_matches
 from sambaflow.pef.file import PefFile
 from sambaflow.pef.manifest import graph_from_entry
+from sambaflow.pef.sign import TRUST_NOTE, key_path, load_key
 from sambaflow.runtime.executable import Executable
 from sambaflow.runtime.session import session
 from sambaflow.tensors.sambatensor import SambaTensor
@@ -46,6 +47,7 @@ def trace_graph(
     data_parallel_mode: str = "normal",
     transfer_device: bool = True,
     backend: str = "reference",
+    sign_key: str | None = None,
     **_: Any,
 ) -> list[SambaTensor]:
     """Trace `model` (forward, backward and `optim`'s update) and load it into the session.
@@ -54,9 +56,12 @@ def trace_graph(
     otherwise the step is compiled here with `backend` (default: `$SAMBAFLOW_BACKEND`, else
     inductor; programs compile on first use and are cached on disk). With no optimizer the graph is
     forward-only. Returns the graph's outputs, also stored as `model.output_tensors`.
+
+    With a signing key (`sign_key`, else the parsed `--sign-key`, else `$SAMBAFLOW_SIGN_KEY`) only a
+    PEF signed with it loads; its signature is checked before anything in it is used.
     """
     optimizers = optimizer_list(optim)
-    pef_file = PefFile(pef) if pef else None
+    pef_file = load_pef(pef, sign_key) if pef else None
     if pef_file is not None and optimizers and "train" not in pef_file.kinds:
         progress(f"{pef} is forward-only (compiled with --inference): the optimizer is not used")
         optimizers = []
@@ -71,6 +76,22 @@ def trace_graph(
     outputs = session.load(executable, model, optimizers, init_output_grads)
     model.output_tensors = outputs
     return outputs
+
+
+def load_pef(path: str, sign_key: str | None = None) -> PefFile:
+    """The verified PEF; says once per file when it holds native code no signature vouches for."""
+    from sambaflow.app.args import parsed_args
+
+    explicit = sign_key or getattr(parsed_args(), "sign_key", None)
+    pef = PefFile(path, load_key(key_path(explicit)))
+    if pef.binary_members and not pef.verified and path not in _warned_unsigned:
+        _warned_unsigned.add(path)
+        state = "signed but not verified (no key configured)" if pef.signed else "unsigned"
+        progress(f"warning: '{path}' is {state} and holds native code. {TRUST_NOTE}")
+    return pef
+
+
+_warned_unsigned: set[str] = set()
 
 
 def _from_pef(pef: PefFile, traced: TracedGraph, training: bool) -> Executable:

@@ -25,6 +25,7 @@ def check_matches(
         problems.append(
             f"optimizer settings fixed at compile time differ: PEF {entry['baked']}, app {traced.baked}"
         )
+    problems += _structure_differences(traced, entry)
     if not problems and fingerprint(traced) != entry["fingerprint"]:
         problems.append(
             "the model's computation differs from the compiled one (forward() or a module "
@@ -37,6 +38,24 @@ def check_matches(
             + "\nRecompile the PEF with the app as it is now, or run it with the "
             "arguments it was compiled with."
         )
+
+
+def _structure_differences(traced: TracedGraph, entry: dict[str, Any]) -> list[str]:
+    problems = []
+    if list(traced.sections) != entry["sections"]:
+        problems.append(f"sections differ: PEF {entry['sections']}, app {list(traced.sections)}")
+    if list(traced.loss_names) != entry["loss_names"]:
+        problems.append(
+            f"loss outputs differ: PEF {entry['loss_names']}, app {list(traced.loss_names)} (loss_indices)"
+        )
+    for what, old, new in (
+        ("inputs", entry["inputs"], traced.inputs),
+        ("outputs", entry["outputs"], traced.outputs),
+    ):
+        old_names, new_names = [s["name"] for s in old], [s.name for s in new]
+        if old_names != new_names and sorted(old_names) == sorted(new_names):
+            problems.append(f"the graph's {what} are in another order in the PEF than in the app")
+    return problems
 
 
 def _batch_size(compiled: list[TensorSpec], current: list[TensorSpec], args: dict[str, Any]) -> list[str]:

@@ -1,4 +1,8 @@
-"""Readable text of a PEF's manifest: versions, target, args, sections, tensors, hyperparameters."""
+"""Readable text of a PEF's manifest: versions, target, args, sections, tensors, hyperparameters,
+and what loading it means for trust (signed or not, native code or not).
+
+Nothing here builds a graph or touches a binary: inspecting a PEF runs no code from it.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,10 @@ from typing import Any
 
 from sambaflow.pef.codec import dtype_from_name
 from sambaflow.pef.file import PefFile
+from sambaflow.pef.sign import KEY_ENV, TRUST_NOTE, key_path, load_key
+from sambaflow.trace.graph import SECTION_ORDER
+
+PROGRAM_ORDER = ["step", *SECTION_ORDER]
 
 
 def _bytes(entry: dict[str, Any]) -> int:
@@ -26,8 +34,7 @@ def _graph_lines(kind: str, entry: dict[str, Any]) -> list[str]:
         f"graph '{kind}': sections {', '.join(entry['sections'])}; {entry['node_count']} nodes; "
         f"fingerprint {entry['fingerprint'][:16]}"
     ]
-    order = ["step", "fwd", "bckwd", "gradnorm", "opt"]
-    for name, program in sorted(entry["programs"].items(), key=lambda item: order.index(item[0])):
+    for name, program in sorted(entry["programs"].items(), key=lambda item: PROGRAM_ORDER.index(item[0])):
         binary = f", binary {program['binary']}" if program["binary"] else ""
         lines.append(
             f"  program {name:9s} {len(program['inputs']):3d} inputs -> "
@@ -47,19 +54,40 @@ def _graph_lines(kind: str, entry: dict[str, Any]) -> list[str]:
     return lines
 
 
+def trust_lines(pef: PefFile) -> list[str]:
+    """Signed or not (and checked or not), native code or not, and what loading it means."""
+    fields = pef.signature_fields
+    if pef.verified:
+        signed = f"signed, signature verified with {pef.key.source} (key id {pef.key.key_id})"
+    elif pef.signed:
+        key_id = fields["key_id"] if fields else "unreadable"
+        signed = f"signed (key id {key_id}), not verified: set {KEY_ENV}=FILE to check it"
+    else:
+        signed = "unsigned"
+    binaries = pef.binary_members
+    if binaries:
+        size = sum(len(pef.members[b]) for b in binaries)
+        native = f"yes: {len(binaries)} {pef.manifest['target']['backend']} binaries, {size / 1024:.0f} KiB"
+    else:
+        native = "none (the JSON graphs run op by op; loading runs no code from the file)"
+    return [f"  trust: {signed}", f"  native code: {native}", f"  note: {TRUST_NOTE}"]
+
+
 def describe(path: str) -> str:
-    pef = PefFile(path)
+    """The PEF's manifest as text; with $SAMBAFLOW_SIGN_KEY set, its signature is checked first."""
+    pef = PefFile(path, load_key(key_path()))
     m = pef.manifest
-    producer = m.get("producer", {})
+    producer = m["producer"]
     lines = [
         f"PEF {path}",
-        f"  name: {m.get('name')}   created: {m.get('created')}",
-        f"  format version {m['format_version']}; sambaflow {producer.get('sambaflow')}, torch "
-        f"{producer.get('torch')}, python {producer.get('python')}",
+        f"  name: {m['name']}   created: {m['created']}",
+        f"  format version {m['format_version']}; sambaflow {producer['sambaflow']}, torch "
+        f"{producer['torch']}, python {producer['python']}",
         f"  target: backend {m['target']['backend']} on {m['target']['device']}; "
-        f"inference-only: {m.get('inference')}",
+        f"inference-only: {m['inference']}",
     ]
-    args = m.get("compile_args") or {}
+    lines += trust_lines(pef)
+    args = m["compile_args"]
     if args:
         lines.append("  compile args: " + ", ".join(f"{k}={v}" for k, v in sorted(args.items())))
     for kind in pef.kinds:

@@ -10,7 +10,8 @@ from sambaflow.pef.codec import dtype_from_name, dtype_name, encode_graph
 from sambaflow.trace.graph import TensorSpec, TracedGraph
 
 FORMAT = "sambaflow-pef"
-FORMAT_VERSION = 1
+#: 2: members record sizes, the manifest its own checksum, graph members their programs' wiring.
+FORMAT_VERSION = 2
 
 
 def spec_to_json(spec: TensorSpec) -> dict[str, Any]:
