@@ -11,6 +11,13 @@ Each one works around what Inductor (torch 2.13, CPU) does with a plain ATen op:
   with `t = exp(-2|x|)`: within 2.5e-7 relative error of `torch.tanh` everywhere (tiny, huge,
   +-inf, -0.0 and NaN included; eager's own float32 tanh is 6e-8 from the exact value). Inductor's
   own `cpp.use_decompose_tanh` (`2 / (1 + exp(-2x)) - 1`) is not used: near 0 it loses every digit.
+- `nll_softmax_backward`: the backward of cross-entropy is `g - exp(log_probs) * sum(g, 1)` with
+  `g = nll_loss_backward(...)`, a one-hot of the targets. Inductor fuses the row sum over `g`'s
+  formula (it loads nothing along the classes) and vectorises it across rows instead, with a
+  scalar loop over the classes: 73 ms of a 157 ms GPT-2 step for a 50257-token vocabulary. Each
+  row of `g` holds one non-zero, `-grad / total_weight` (mean) or `-grad` (sum, none), or none
+  where the target is `ignore_index`, so the row sum is written out as exactly that value:
+  the same bits as the summed row, and no reduction left to mis-vectorise.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ def rewrite_for_inductor(module: fx.GraphModule) -> fx.GraphModule:
     """Apply every rewrite to `module` in place and recompile it."""
     explicit_alpha(module.graph)
     fast_tanh(module.graph)
+    nll_softmax_backward(module.graph)
     module.recompile()
     return module
 
@@ -75,3 +83,54 @@ def _tanh_nodes(graph: fx.Graph, x: fx.Node) -> fx.Node:
         series = op(aten.add.Tensor, op(aten.mul.Tensor, square, series), coefficient)
     small = op(aten.mul.Tensor, x, series)
     return op(aten.where.self, op(aten.lt.Scalar, magnitude, TANH_TAYLOR_BELOW), small, signed)
+
+
+def nll_softmax_backward(graph: fx.Graph) -> None:
+    for node in list(graph.nodes):
+        one_hot = _nll_gradient_of(node)
+        if one_hot is not None:
+            with graph.inserting_before(node):
+                row_sums = _nll_row_sums(graph, one_hot)
+                scaled = graph.call_function(
+                    aten.mul.Tensor, (graph.call_function(aten.exp.default, (node.args[1],)), row_sums)
+                )
+                replacement = graph.call_function(aten.sub.Tensor, (one_hot, scaled))
+            replacement.meta = dict(node.meta)
+            node.replace_all_uses_with(replacement)
+            graph.erase_node(node)
+
+
+def _nll_gradient_of(node: fx.Node) -> fx.Node | None:
+    """`g` when `node` is `_log_softmax_backward_data(g, out, 1, ...)` of an unweighted 2-D NLL loss."""
+    if node.op != "call_function" or node.target is not aten._log_softmax_backward_data.default:
+        return None
+    grad, out, dim = node.args[:3]
+    if not isinstance(grad, fx.Node) or grad.target is not aten.nll_loss_backward.default:
+        return None
+    log_probs, weight = grad.args[1], grad.args[3]
+    same = [_value(n) for n in (node, grad, out, log_probs)]
+    if weight is not None or dim != 1 or any(v is None for v in same):
+        return None
+    if len({(v.shape, v.dtype) for v in same}) != 1 or same[0].dim() != 2:
+        return None
+    return grad
+
+
+def _nll_row_sums(graph: fx.Graph, one_hot: fx.Node) -> fx.Node:
+    """Each row's single non-zero of `nll_loss_backward` (as ATen's kernel computes it), as a column."""
+
+    def op(target, *args):
+        return graph.call_function(target, args)
+
+    grad_output, _, target, _, reduction, ignore_index, total_weight = one_hot.args
+    if reduction == 1:  # mean
+        grad_output = op(aten.div.Tensor, grad_output, total_weight)
+    value = op(aten.neg.default, grad_output)
+    zero = op(aten.zeros_like.default, value)
+    valid = op(aten.ne.Scalar, target, ignore_index)
+    return op(aten.unsqueeze.default, op(aten.where.self, valid, value, zero), 1)
+
+
+def _value(node: object) -> torch.Tensor | None:
+    value = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return value if isinstance(value, torch.Tensor) else None
