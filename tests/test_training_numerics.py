@@ -264,6 +264,25 @@ def test_default_step_gradients_equal_loss_backward(tol):
         assert rel_err(got.sn_grad, want.grad) < tol
 
 
+def test_full_step_with_a_logits_seed_reaches_backward(tol):
+    """The fused step holds non-loss seeds at zero (no logits-sized input); a run that seeds the
+    logits runs the section programs instead and gets eager's gradients."""
+    reference, model = make_pair(lambda: ResFFNLogReg(64, 32, 10))
+    batch = mnist_like(64)()
+    inputs = named_inputs(["x", "y"], batch)
+    outs = utils.trace_graph(model, inputs, samba.optim.SGD(model.parameters(), lr=0.0))
+    logits_seed = f"{outs[1].sn_name}__grad"
+    assert logits_seed not in samba.session.executable.programs["step"].inputs
+    samba.session.run(inputs, outs)
+    assert logits_seed not in samba.session.store
+    seed = torch.randn(BATCH, 10)
+    samba.session.run(inputs, outs, grad_of_outputs=[None, seed])
+    loss, logits = reference(*batch)
+    (loss + (logits * seed).sum()).backward()
+    for got, want in zip(model.parameters(), reference.parameters()):
+        assert rel_err(got.sn_grad, want.grad) < tol
+
+
 def test_host_model_unchanged_until_to_cpu():
     _, model = make_pair(lambda: ResFFNLogReg(64, 32, 10))
     before = copy.deepcopy(model.state_dict())

@@ -101,7 +101,8 @@ def _from_pef(pef: PefFile, traced: TracedGraph, training: bool) -> Executable:
     backend = _backend_for(pef, path)
     programs = {name: pef.program(kind, name) for name in pef.entry(kind)["programs"]}
     binaries = {name: pef.binary(kind, name) for name in programs}
-    graph = graph_from_entry(pef.entry(kind), programs["step"].module)
+    # The app's own trace matched the PEF's fingerprint: it is the graph the programs came from.
+    graph = graph_from_entry(pef.entry(kind), traced.module)
     return Executable.from_binaries(graph, backend, programs, binaries)
 
 

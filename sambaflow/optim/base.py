@@ -63,6 +63,13 @@ class SambaOptimizer:
             self.state[index] = self.initial_state(self.params[index].detach())
         return self.state[index]
 
+    def current_state(self, index: int) -> State:
+        """Host state of parameter `index`, or a fresh one (as at step 0) that is not kept: a
+        fresh optimizer holds no host copy of its state until `to_cpu` brings one back."""
+        if index in self.state:
+            return self.state[index]
+        return self.initial_state(self.params[index].detach())
+
     def param_name(self, index: int) -> str:
         return self.params[index].sn_name
 

@@ -10,22 +10,30 @@ import torch
 from sambaflow.backends.base import Backend, CompiledProgram, get_backend
 from sambaflow.passes.inplace import update_inputs_in_place
 from sambaflow.passes.sections import FULL_STEP, SectionProgram, full_step_program, section_programs
-from sambaflow.trace.graph import TracedGraph
+from sambaflow.passes.seeds import zero_seeded
+from sambaflow.trace.graph import OUTPUT_GRAD, TracedGraph
 
 
 def programs_of(graph: TracedGraph) -> dict[str, SectionProgram]:
     """The fused step and one program per section (a forward-only graph's step is its fwd).
 
     Programs that update parameters and optimizer state write them into the stored tensors
-    (no new parameter memory per step; also measurably faster with Inductor).
+    (no new parameter memory per step; also measurably faster with Inductor). The fused step
+    seeds every output but the losses with zero (`passes/seeds.py`).
     """
     step = full_step_program(graph)
     if graph.sections == ["fwd"]:
         return {FULL_STEP: step, "fwd": step}
-    programs = {FULL_STEP: step} | section_programs(graph)
+    programs = {FULL_STEP: zero_seeded(step, zero_seeds(graph))} | section_programs(graph)
     for name in (FULL_STEP, "opt"):
         programs[name] = update_inputs_in_place(programs[name]).program
     return programs
+
+
+def zero_seeds(graph: TracedGraph) -> list[str]:
+    """Output-gradient seeds that are zero in the usual step: those of outputs that are not losses."""
+    losses = {f"{name}__grad" for name in graph.loss_names}
+    return [s.name for s in graph.inputs_with_role(OUTPUT_GRAD) if s.name not in losses]
 
 
 @dataclass
@@ -65,6 +73,12 @@ class Executable:
     @property
     def sections(self) -> list[str]:
         return self.graph.sections
+
+    @property
+    def step_seeds(self) -> list[str]:
+        """The output-gradient seeds the fused step takes; the others it holds at zero."""
+        step = set(self.programs[FULL_STEP].inputs)
+        return [s.name for s in self.graph.inputs_with_role(OUTPUT_GRAD) if s.name in step]
 
     def program(self, name: str) -> tuple[SectionProgram, CompiledProgram]:
         if name not in self.compiled:

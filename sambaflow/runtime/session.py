@@ -59,15 +59,18 @@ class Session:
         self.store.update((n, torch.tensor(v, dtype=torch.float64)) for n, v in graph.hyper_defaults.items())
         for spec in graph.inputs_with_role(INPUT):
             self.store[spec.name] = torch.zeros(spec.shape, dtype=spec.dtype)
-        self._seed_defaults = {s.name: self._default_seed(s) for s in graph.inputs_with_role(OUTPUT_GRAD)}
         self.to_rdu(model, self.optimizers)
         return self._outputs()
 
-    def _default_seed(self, spec: TensorSpec) -> torch.Tensor:
-        is_loss = spec.name.removesuffix("__grad") in self.executable.graph.loss_names
-        return (
-            torch.ones(spec.shape, dtype=spec.dtype) if is_loss else torch.zeros(spec.shape, dtype=spec.dtype)
-        )
+    def _default_seed(self, name: str) -> torch.Tensor:
+        """One for a loss, zero for other outputs; made when first needed (the fused step seeds
+        non-losses with zero inside the program, so a logits-sized zero tensor is often never made)."""
+        if name not in self._seed_defaults:
+            spec = next(s for s in self.executable.graph.inputs_with_role(OUTPUT_GRAD) if s.name == name)
+            is_loss = name.removesuffix("__grad") in self.executable.graph.loss_names
+            make = torch.ones if is_loss else torch.zeros
+            self._seed_defaults[name] = make(spec.shape, dtype=spec.dtype)
+        return self._seed_defaults[name]
 
     def compile(
         self, model: nn.Module, inputs: Sequence[torch.Tensor | None], optimizer: Any = None, **kwargs: Any
@@ -91,9 +94,14 @@ class Session:
     def _optimizer_to_rdu(self, opt: SambaOptimizer, wanted: set[str]) -> None:
         index = self.optimizers.index(opt) if opt in self.optimizers else 0
         for j in range(len(opt.params)):
-            for key, value in opt.state_of(j).items():
+            # A fresh optimizer's state is made on the device only: a host copy too would hold
+            # every moment twice (1 GB for GPT-2 small's AdamW).
+            fresh = j not in opt.state
+            for key, value in opt.current_state(j).items():
                 if state_name(opt.param_name(j), key) in wanted:
-                    self.store[state_name(opt.param_name(j), key)] = value.detach().clone()
+                    self.store[state_name(opt.param_name(j), key)] = (
+                        value if fresh else value.detach().clone()
+                    )
         for key, value in opt.hyper.items():
             name = hyper_name(key, index)
             if name in self.store:
@@ -165,13 +173,16 @@ class Session:
         hyper = expand_hyperparams(
             hyperparam_dict, [s.name for s in graph.inputs_with_role(HYPER)], graph.hyper_defaults
         )
+        fused = sections == executable.sections
         if "bckwd" in sections:
-            feeds |= self._seeds(output_tensors, grad_of_outputs)
+            seeds = self._seeds(output_tensors, grad_of_outputs, fused)
+            fused = fused and self._fused_step_takes(seeds)
+            feeds |= seeds
         self._check_saved(sections)
         self._set_hyperparameters(hyper)
         self.store.update(feeds)
         staged: dict[str, torch.Tensor] = {}
-        for name in [FULL_STEP] if sections == executable.sections else sections:
+        for name in [FULL_STEP] if fused else sections:
             executable.run(name, self.store, staged)
         self.store.update(staged)
         self._track_saved(sections, staged)
@@ -196,12 +207,19 @@ class Session:
         store = self.store
         return [named_view(store[s.name] if s.name in store else _empty(s), s.name) for s in specs]
 
+    def _fused_step_takes(self, seeds: dict[str, torch.Tensor]) -> bool:
+        """False when a seed the fused step holds at zero is given another value: the section
+        programs, which take every seed, run instead."""
+        taken = set(self.executable.step_seeds)
+        return all(n in taken or seeds[n] is self._seed_defaults.get(n) for n in seeds)
+
     def _seeds(
-        self, outputs: Sequence[torch.Tensor] | None, grads: Sequence[Any] | None
+        self, outputs: Sequence[torch.Tensor] | None, grads: Sequence[Any] | None, fused: bool
     ) -> dict[str, torch.Tensor]:
         seeded = grads is not None or any("_sn_grad" in getattr(o, "__dict__", ()) for o in outputs or ())
-        if not seeded and self.init_output_grads:
-            return self._seed_defaults  # the usual step: losses from one, other outputs from zero
+        if not seeded and self.init_output_grads:  # the usual step: losses from one, other outputs from zero
+            names = self.executable.step_seeds if fused else self._seed_names()
+            return {n: self._default_seed(n) for n in names}
         specs = {s.name: s for s in self.executable.graph.inputs_with_role(OUTPUT_GRAD)}
         names = [s.name for s in self.executable.graph.model_outputs]
         explicit = _explicit_seeds(names, outputs, grads)
@@ -219,8 +237,11 @@ class Session:
                     f"no gradient for output '{name.removesuffix('__grad')}': the graph was traced with "
                     "init_output_grads=False, so pass grad_of_outputs=[...] or set out.sn_grad before bckwd"
                 )
-            seeds[name] = self._seed_defaults[name] if value is None else check_seed(value, spec)
+            seeds[name] = self._default_seed(name) if value is None else check_seed(value, spec)
         return seeds
+
+    def _seed_names(self) -> list[str]:
+        return [s.name for s in self.executable.graph.inputs_with_role(OUTPUT_GRAD)]
 
     def _check_saved(self, sections: list[str]) -> None:
         executable = self.executable

@@ -33,7 +33,7 @@ class StepPlan:
         self._values = dict(self.inputs + self.params + self.buffers)
         for i, opt in enumerate(self.optimizers):
             for j, name in enumerate(self.owned[i]):
-                for key, value in opt.state_of(j).items():
+                for key, value in opt.current_state(j).items():
                     self.states.append((state_name(name, key), value))
         self._values.update(self.states)
 
