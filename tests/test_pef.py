@@ -375,3 +375,43 @@ def test_compile_without_config_reads_the_parsed_args(tmp_path, monkeypatch):
     assert manifest["inference"] and list(manifest["graphs"]) == ["inference"]
     log = (tmp_path / "there/inference/inference.compile.log").read_text()
     assert "NO EFFECT: --arch sn20" in log
+
+
+def forge(path, target, edit=None, key=None, recompute_members=True):
+    """A copy of the PEF after `edit(members, manifest)` with its checksums recomputed (and signed
+    with `key`): what someone editing a PEF on purpose writes. Returns the new path."""
+    import hashlib
+
+    from sambaflow.pef.consistency import manifest_digest
+    from sambaflow.pef.sign import sign
+
+    with zipfile.ZipFile(path) as archive:
+        members = {n: archive.read(n) for n in archive.namelist()}
+    manifest = json.loads(members.pop("manifest.json"))
+    members.pop("signature.json", None)
+    if edit:
+        edit(members, manifest)
+    if recompute_members:
+        manifest["members"] = {
+            n: {"sha256": hashlib.sha256(d).hexdigest(), "size": len(d)} for n, d in members.items()
+        }
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    raw = json.dumps(manifest).encode()
+    with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("manifest.json", raw)
+        for name, data in members.items():
+            archive.writestr(name, data)
+        if key is not None:
+            archive.writestr("signature.json", sign(raw, key))
+    return str(target)
+
+
+def edit_graph(member, change):
+    """An `edit` for `forge`: apply `change(graph_json)` to one graph member."""
+
+    def edit(members, manifest):
+        graph = json.loads(members[member])
+        change(graph)
+        members[member] = json.dumps(graph).encode()
+
+    return edit

@@ -31,6 +31,7 @@ _FORMATS = {
 # Names the generated `forward(self, ...)` itself uses.
 _RESERVED = {"self", "torch", "operator", "inf", "nan", "builtins", "NoneType", "device"}
 MAX_DEPTH = 32
+_FOREIGN = "The PEF was edited or not written by sambaflow: recompile it from source"
 MAX_NODES = 1_000_000
 MAX_RANK = 64
 MAX_CONSTANT_BYTES = 1 << 30
@@ -68,7 +69,7 @@ def resolve_target(name: Any) -> Any:
     parts = name.split(".") if isinstance(name, str) else []
     plain = all(p.isidentifier() and not p.startswith("__") for p in parts)
     if len(parts) != 3 or parts[0] not in NAMESPACES or not plain:
-        raise SambaPefError(f"graph target {name!r} is not an ATen op; refusing to load it")
+        raise SambaPefError(f"graph target {name!r} is not an ATen op; refusing to load it. {_FOREIGN}")
     try:
         packet = getattr(getattr(torch.ops, parts[0]), parts[1])
         op = getattr(packet, parts[2])
@@ -78,7 +79,7 @@ def resolve_target(name: Any) -> Any:
             "recompile the PEF with this torch version"
         ) from None
     if not isinstance(packet, torch._ops.OpOverloadPacket) or not isinstance(op, torch._ops.OpOverload):
-        raise SambaPefError(f"graph target {name!r} is not an ATen op; refusing to load it")
+        raise SambaPefError(f"graph target {name!r} is not an ATen op; refusing to load it. {_FOREIGN}")
     return op
 
 
