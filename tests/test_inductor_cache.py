@@ -304,7 +304,7 @@ def test_cache_list_shows_the_entry(cached, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("SAMBAFLOW_CACHE_DIR", str(root))
     code, out = cli(capsys, "list")
     assert code == 0
-    assert f"compile cache {root / 'inductor'}: 1 entries" in out
+    assert f"compile cache {root / 'inductor'}: 1 entry, " in out
     line = next(line for line in out.splitlines() if "tiny" in line)
     assert torch.__version__ in line and "cpu-" in line and " MB" in line and " s " in line, out
 
@@ -349,3 +349,13 @@ def test_cache_prune_by_age_size_bad_and_all(cached, tmp_path, capsys):
 def test_cache_prune_needs_an_option(tmp_path, capsys):
     assert main(["cache", "prune", "--dir", str(tmp_path)]) == 2
     assert "say what to prune" in capsys.readouterr().err
+
+
+def test_cache_list_and_verify_flag_a_folder_others_can_write(tmp_path, capsys):
+    folder = tmp_path / "inductor"
+    folder.mkdir()
+    folder.chmod(0o777)
+    code, out = cli(capsys, "list", "--dir", str(tmp_path))
+    assert code == 0 and "warning:" in out and f"chmod 700 {folder}" in out, out
+    code, out = cli(capsys, "verify", "--dir", str(tmp_path))
+    assert code == 1 and "BAD folder" in out, out

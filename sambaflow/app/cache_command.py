@@ -41,12 +41,15 @@ def run(args: argparse.Namespace) -> int:
 def _list(cache: PackageCache, args: argparse.Namespace) -> int:
     entries = cache.entries()
     _header(cache, entries)
+    refused = cache.refused(create=False)
+    if refused:
+        print(f"  warning: {refused}")
     if entries:
-        print(f"  {'program':<16} {'size':>9} {'age':>7}  {'torch':<18} {'target':<24} key")
+        print(f"  {'program':<16} {'size':>9} {'age':>7}  {'torch':<18} {'target':<28} key")
     for entry in entries:
         print(
             f"  {entry.program:<16} {_mb(entry.size):>9} {_age(entry.created):>7}  "
-            f"{entry.part('torch'):<18} {entry.part('target'):<24} {entry.key}"
+            f"{entry.part('torch'):<18} {entry.part('target'):<28} {entry.key}"
         )
     return 0
 
@@ -113,7 +116,8 @@ def _bad_entries(cache: PackageCache, entries: list[CacheEntry]) -> list[tuple[C
 
 
 def _header(cache: PackageCache, entries: list[CacheEntry]) -> None:
-    print(f"compile cache {cache.root}: {len(entries)} entries, {_mb(_size(entries))}")
+    count = f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}"
+    print(f"compile cache {cache.root}: {count}, {_mb(_size(entries))}")
 
 
 def _size(entries: list[CacheEntry]) -> int:
