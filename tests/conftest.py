@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 
@@ -11,7 +13,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("SAMBAFLOW_BACKEND", "reference")
 # Compiled packages go to a fresh folder per test session, never the user's ~/.cache (set
 # SAMBAFLOW_CACHE_DIR to keep one across sessions).
-os.environ.setdefault("SAMBAFLOW_CACHE_DIR", tempfile.mkdtemp(prefix="sambaflow-test-cache-"))
+if "SAMBAFLOW_CACHE_DIR" not in os.environ:
+    os.environ["SAMBAFLOW_CACHE_DIR"] = tempfile.mkdtemp(prefix="sambaflow-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["SAMBAFLOW_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
