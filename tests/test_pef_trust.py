@@ -83,6 +83,12 @@ def first(graph, op):
     return next(n for n in graph["nodes"] if n["op"] == op)
 
 
+def last(graph, op):
+    """The last placeholder: its target becomes the last parameter, where `x=<code>` is valid
+    Python that runs when fx builds the module."""
+    return [n for n in graph["nodes"] if n["op"] == op][-1]
+
+
 # --- the codec accepts only data -----------------------------------------------------------------
 def test_codec_decodes_the_genuine_graph(unsigned_pef):
     module = decode_graph(step_graph(unsigned_pef))
@@ -94,7 +100,7 @@ def test_codec_decodes_the_genuine_graph(unsigned_pef):
 @pytest.mark.parametrize(
     "inject, message",
     [
-        (lambda g, p: first(g, "placeholder").update(target=p), "placeholder target .* is not a plain"),
+        (lambda g, p: last(g, "placeholder").update(target=p), "placeholder target .* is not a plain"),
         (lambda g, p: first(g, "placeholder").update(target="__class__"), "placeholder target .* reserved"),
         (lambda g, p: first(g, "call_function").update(name=p), "node name .* is not a plain"),
         (lambda g, p: first(g, "call_function").update(name="print"), "node name 'print' is a reserved"),
@@ -140,7 +146,7 @@ def test_codec_refuses_code_in_a_graph(unsigned_pef, marker, inject, message):
 def test_injected_placeholder_in_a_pef_never_runs(unsigned_pef, tmp_path, marker):
     """Finding 1: the file's checksums are all consistent; loading still refuses before fx runs code."""
     change = edit_graph(
-        "graphs/train/step.json", lambda g: first(g, "placeholder").update(target=payload(marker))
+        "graphs/train/step.json", lambda g: last(g, "placeholder").update(target=payload(marker))
     )
     path = forge(unsigned_pef, tmp_path / "injected.pef", change)
     model, inputs, optim = build()

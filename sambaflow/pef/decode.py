@@ -14,6 +14,7 @@ import binascii
 import builtins
 import keyword
 import math
+import operator
 from typing import Any
 
 import torch
@@ -113,7 +114,10 @@ def decode_graph(encoded: Any, where: str = "the PEF's graph") -> fx.GraphModule
     outputs = [n for n in graph.nodes if n.op == "output"]
     if len(outputs) != 1 or outputs[0] is not list(graph.nodes)[-1]:
         raise bad_graph(where, "the graph must end in exactly one output node")
-    return fx.GraphModule(root, graph)
+    try:  # every string fx pastes into source was checked above; this only catches what fx rejects
+        return fx.GraphModule(root, graph)
+    except Exception as exc:
+        raise bad_graph(where, f"torch.fx cannot build it ({type(exc).__name__}: {exc})") from None
 
 
 def _constants(encoded: Any, where: str) -> nn.Module:
@@ -173,10 +177,22 @@ def _make_node(
         kwargs = decode_value(field(entry, "kwargs", dict, at), env, at)
         if not isinstance(args, tuple) or not isinstance(kwargs, dict):
             raise bad_graph(at, "args must be a tuple and kwargs an object")
-        for key in kwargs:
-            check_identifier(key, at, "keyword argument", keyword_arg=True)
+        _check_call(target, args, kwargs, at)
         return graph.call_function(target, args, kwargs)
     raise bad_graph(at, f"unsupported node kind {op!r}")
+
+
+def _check_call(target: Any, args: tuple, kwargs: dict[str, Any], at: str) -> None:
+    """Arguments that fit the op's schema (fx formats them into source by position and name)."""
+    for key in kwargs:
+        check_identifier(key, at, "keyword argument", keyword_arg=True)
+    if target is operator.getitem:
+        fits = len(args) == 2 and not kwargs
+    else:
+        names = [a.name for a in target._schema.arguments]
+        fits = len(args) <= len(names) and set(kwargs) <= set(names[len(args) :])
+    if not fits:
+        raise bad_graph(at, f"its arguments do not fit {getattr(target, '__name__', target)}'s signature")
 
 
 def _target(entry: dict[str, Any], at: str) -> Any:
