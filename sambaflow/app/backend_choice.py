@@ -1,4 +1,9 @@
-"""Pick the backend to compile for; fall back to `reference`, saying so once, where it cannot work."""
+"""Pick the backend to compile for; fall back to `reference`, saying so once, where it cannot work.
+
+One rule everywhere (`compile`, `run` without `-p`, `trace_graph`, `session.compile`): the backend
+asked for explicitly (a `backend=` argument, else `--backend`), else `$SAMBAFLOW_BACKEND`, else
+inductor, which falls back to reference where Inductor or a C++ compiler is missing.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,15 @@ BACKEND_VARIABLE = "SAMBAFLOW_BACKEND"
 def default_backend_name() -> str:
     """`$SAMBAFLOW_BACKEND`, else inductor (which falls back to reference where it cannot run)."""
     return os.environ.get(BACKEND_VARIABLE) or DEFAULT_BACKEND
+
+
+def requested_backend(explicit: str | Backend | None) -> str | Backend | None:
+    """The backend asked for explicitly: `explicit`, else the parsed `--backend`, else None."""
+    if explicit is not None:
+        return explicit
+    from sambaflow.app.args import parsed_args
+
+    return getattr(parsed_args(), "backend", None)
 
 
 def choose_backend(name: str | Backend | None, say: Callable[[str], None]) -> Backend:

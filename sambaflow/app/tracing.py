@@ -8,7 +8,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from sambaflow.app.backend_choice import choose_backend
+from sambaflow.app import run_notes
+from sambaflow.app.backend_choice import choose_backend, requested_backend
 from sambaflow.backends.base import get_backend
 from sambaflow.backends.counters import debug_level
 from sambaflow.errors import SambaPefError
@@ -46,22 +47,26 @@ def trace_graph(
     mapping: str = "section",
     data_parallel_mode: str = "normal",
     transfer_device: bool = True,
-    backend: str = "reference",
+    backend: str | None = None,
     sign_key: str | None = None,
     **_: Any,
 ) -> list[SambaTensor]:
     """Trace `model` (forward, backward and `optim`'s update) and load it into the session.
 
     With `pef`, the traced graph is checked against the PEF and the PEF's compiled programs run;
-    otherwise the step is compiled here with `backend` (default: `$SAMBAFLOW_BACKEND`, else
-    inductor; programs compile on first use and are cached on disk). With no optimizer the graph is
+    otherwise the step is compiled here with `backend` (default: the parsed `--backend`, else
+    `$SAMBAFLOW_BACKEND`, else inductor; programs compile on first use and are cached on disk),
+    saying so in one line. With no optimizer the graph is
     forward-only. Returns the graph's outputs, also stored as `model.output_tensors`.
 
     With a signing key (`sign_key`, else the parsed `--sign-key`, else `$SAMBAFLOW_SIGN_KEY`) only a
     PEF signed with it loads; its signature is checked before anything in it is used.
     """
     optimizers = optimizer_list(optim)
+    requested = requested_backend(backend)
     pef_file = load_pef(pef, sign_key) if pef else None
+    chosen = None if pef_file is not None else choose_backend(requested, progress)
+    _say_how_it_runs(pef_file, requested, chosen)
     if pef_file is not None and optimizers and "train" not in pef_file.kinds:
         progress(f"{pef} is forward-only (compiled with --inference): the optimizer is not used")
         optimizers = []
@@ -72,10 +77,29 @@ def trace_graph(
     if pef_file is not None:
         executable = _from_pef(pef_file, traced, bool(optimizers))
     else:
-        executable = Executable.build(traced, choose_backend(backend, progress))
+        executable = Executable.build(traced, chosen)
     outputs = session.load(executable, model, optimizers, init_output_grads)
     model.output_tensors = outputs
     return outputs
+
+
+def _say_how_it_runs(pef_file: PefFile | None, requested: Any, chosen: Any) -> None:
+    """One line each: compiled in this process (and how), settings the PEF overrides, no weights."""
+    from sambaflow.app.args import parsed_args
+
+    if pef_file is None:
+        notes = [run_notes.in_process(chosen.name)]
+    else:
+        manifest = pef_file.manifest
+        pef_backend = manifest.get("target", {}).get("backend", "reference")
+        notes = [
+            run_notes.ignored_backend(requested, pef_backend, pef_file.path),
+            run_notes.ignored_threads(manifest.get("pef_metadata", {})),
+        ]
+    notes.append(run_notes.no_weights_loaded(parsed_args(), pef_file.path if pef_file else None))
+    for note in notes:
+        if note:
+            progress(note)
 
 
 def load_pef(path: str, sign_key: str | None = None) -> PefFile:
