@@ -34,6 +34,7 @@ STANDARD_DEFAULTS = {
     "verbose": False,
     "backend": None,
     "seed": 0,
+    "num_threads": None,
 }
 
 
@@ -78,21 +79,34 @@ def test_seed_run_example_with_long_names():
 
 
 def test_every_standard_value_parses():
-    argv = [
-        "measure-performance", "-b", "8", "--grad-accumulation-steps", "2", "--output-folder", "o",
+    compile_only = [
+        "compile", "-b", "8", "--grad-accumulation-steps", "2", "--output-folder", "o",
         "--pef-name", "n", "--mapping", "spatial", "--n-chips", "2", "--num-tiles", "8", "--o0", "--o1",
-        "--data-parallel", "-ws", "4", "--reduce-on-rdu", "-n", "7", "--run-graph-only",
-        "--min-duration", "1.5", "--json", "r.json", "--log-level", "INFO", "--log-dir", "logs",
+        "--data-parallel", "-ws", "4", "--reduce-on-rdu", "--log-level", "INFO", "--log-dir", "logs",
         "--debug", "--verbose", "--backend", "reference", "--seed", "3",
     ]  # fmt: skip
-    args = parse_app_args(argv)
+    args = parse_app_args(compile_only)
     got = {d: getattr(args, d) for d in STANDARD_DEFAULTS}
     assert got == {
         **STANDARD_DEFAULTS, "batch_size": 8, "grad_accumulation_steps": 2, "output_folder": "o",
         "pef_name": "n", "mapping": "spatial", "n_chips": 2, "num_tiles": 8, "o0": True, "o1": True,
-        "data_parallel": True, "world_size": 4, "reduce_on_rdu": True, "num_iterations": 7,
-        "run_graph_only": True, "min_duration": 1.5, "json": "r.json", "log_level": "info",
+        "data_parallel": True, "world_size": 4, "reduce_on_rdu": True, "log_level": "info",
         "log_dir": "logs", "debug": True, "verbose": True, "backend": "reference", "seed": 3,
+    }  # fmt: skip
+    measure = [
+        "measure-performance",
+        "-n",
+        "7",
+        "--run-graph-only",
+        "--min-duration",
+        "1.5",
+        "--json",
+        "r.json",
+    ]
+    args = parse_app_args(measure)
+    got = {d: getattr(args, d) for d in STANDARD_DEFAULTS}
+    assert got == {
+        **STANDARD_DEFAULTS, "num_iterations": 7, "run_graph_only": True, "min_duration": 1.5, "json": "r.json"
     }  # fmt: skip
 
 

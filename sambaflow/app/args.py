@@ -1,8 +1,13 @@
 """Command-line arguments of a SambaFlow app: `parse_app_args`, `parse_yaml_to_args`.
 
-Every sub-command (`compile`, `run`, `test`, `measure-performance`, `measure-sections`) gets every
-standard argument. App hooks add their own; an app may redefine a standard option (say its own
-`-b/--batch-size`) and its definition, default included, wins instead of raising a conflict.
+Each sub-command (`compile`, `run`, `test`, `measure-performance`, `measure-sections`) lists and
+accepts the standard arguments that act on it (`COMMAND_OPTIONS`: compile-only options are not
+under `run`), and its namespace holds every standard argument's default, so app code may read any
+`args.<name>` under any command. App hooks add their own; an app may redefine a standard option
+(say its own `-b/--batch-size`) and its definition, default included, wins instead of a conflict.
+
+`parse_app_args` also applies `--num-threads` (before anything compiles or loads) and installs
+the hook that ends the app on a `SambaError` with a one-line `error:` (app/error_hook.py).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from sambaflow.app import error_hook
 from sambaflow.errors import SambaArgumentError
 from sambaflow.logging import set_log_level
 
@@ -30,6 +36,28 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 BACKENDS = ("reference", "inductor")
 
 ParserHook = Callable[[argparse.ArgumentParser], Any]
+
+MEASURE = ("measure-performance", "measure-sections")
+# dest -> the commands that list and accept the option; every other standard option is on every
+# command. The others still get its default in their namespace.
+COMMAND_OPTIONS: dict[str, tuple[str, ...]] = {
+    "output_folder": ("compile",),
+    "pef_name": ("compile",),
+    "backend": ("compile", "run"),
+    "mapping": ("compile",),
+    "num_tiles": ("compile",),
+    "o0": ("compile",),
+    "o1": ("compile",),
+    "arch": ("compile",),
+    "resources_scaling_factors": ("compile",),
+    "world_size": ("compile",),
+    "n_chips": ("compile", "run", *MEASURE),
+    "num_threads": ("compile", "run", *MEASURE),
+    "num_iterations": MEASURE,
+    "run_graph_only": ("measure-performance",),
+    "min_duration": ("measure-performance",),
+    "json": MEASURE,
+}
 
 # Arguments this project accepts (so real apps and scripts run unchanged) but does not act on yet.
 # dest -> (option as the user writes it, standard default, why it has no effect). Shrink this as
@@ -76,6 +104,19 @@ def non_negative_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}") from None
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
+    return value
+
+
+def thread_count(text: str) -> int:
+    """argparse type for --num-threads: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of CPU threads >= 1, got {text!r} (e.g. --num-threads 1 on a busy machine)"
+        )
     return value
 
 
@@ -148,7 +189,8 @@ def _add_compiler_args(p: argparse.ArgumentParser) -> None:
         choices=BACKENDS,
         default=None,
         help="how sections are compiled: inductor (C++/Triton) or reference (eager ATen); "
-        "default: $SAMBAFLOW_BACKEND, else inductor",
+        "default: $SAMBAFLOW_BACKEND, else inductor (reference where Inductor cannot run). "
+        "run: used without -p only (a PEF fixes its backend)",
     )
     _add(g, "--mapping", choices=("section", "spatial"), default="section", help="mapping mode")
     _add(g, "--n-chips", type=positive_int, default=1, help="device chips")
@@ -204,6 +246,20 @@ def _add_measure_args(p: argparse.ArgumentParser) -> None:
     _add(g, "--json", type=str, default=None, help="write measurements to this JSON file")
 
 
+def _add_thread_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("CPU threads")
+    _add(
+        g,
+        "--num-threads",
+        type=thread_count,
+        default=None,
+        metavar="N",
+        help="CPU threads for compiled code and torch ops (torch.set_num_threads, before anything "
+        "compiles or loads); default: torch's choice (OMP_NUM_THREADS, else one per core). "
+        "Lower it when other processes share the CPUs (see README)",
+    )
+
+
 def _add_logging_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("logging")
     _add(g, "--log-level", type=_lower, choices=LOG_LEVELS, default="warning", help="log level")
@@ -220,9 +276,24 @@ def add_standard_args(parser: argparse.ArgumentParser) -> None:
         _add_compiler_args,
         _add_parallel_args,
         _add_measure_args,
+        _add_thread_args,
         _add_logging_args,
     ):
         add(parser)
+
+
+def keep_own_options(parser: argparse.ArgumentParser, command: str) -> dict[str, Any]:
+    """Remove the standard options that do not act on `command`; return their defaults by dest."""
+    hidden = {}
+    for action in list(parser._actions):
+        commands = COMMAND_OPTIONS.get(action.dest)
+        if commands is None or command in commands:
+            continue
+        hidden[action.dest] = action.default
+        action.container._remove_action(action)
+        for flag in action.option_strings:
+            parser._option_string_actions.pop(flag, None)
+    return hidden
 
 
 # ---------------------------------------------------------------------------- building the parser
@@ -259,6 +330,7 @@ def _run_hook(hook: ParserHook | None, parser: argparse.ArgumentParser, label: s
 def _build_command_parser(subparsers: Any, command: str, hooks: dict[str, ParserHook | None]) -> None:
     parser = subparsers.add_parser(command, conflict_handler="resolve", help=COMMAND_HELP[command])
     add_standard_args(parser)
+    hidden = keep_own_options(parser, command)
     ours = set(parser._actions)
     _run_hook(hooks["common_parser_fn"], parser, "common_parser_fn")
     if command == "run":
@@ -266,6 +338,8 @@ def _build_command_parser(subparsers: Any, command: str, hooks: dict[str, Parser
     if command == "test":
         _run_hook(hooks["test_parser_fn"], parser, "test_parser_fn")
     _apply_app_defaults(parser, ours)
+    defined = {action.dest for action in parser._actions}
+    parser.set_defaults(**{dest: value for dest, value in hidden.items() if dest not in defined})
 
 
 def build_parser(
@@ -306,20 +380,32 @@ def parse_app_args(
 
     `common_parser_fn(parser)` runs on every sub-command's parser, `run_parser_fn` on `run`'s and
     `test_parser_fn` on `test`'s. `dev_mode` is accepted for compatibility and recorded as
-    `args.dev_mode`; it changes nothing.
+    `args.dev_mode`; it changes nothing. Installs the one-line `SambaError` report
+    (app/error_hook.py) and applies `--num-threads`.
     """
+    error_hook.install()
     parser = build_parser(common_parser_fn, test_parser_fn, run_parser_fn)
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.local_rank is None:
         args.local_rank = _env_local_rank()
     args.dev_mode = bool(dev_mode)
     set_log_level(args.log_level)
+    apply_num_threads(getattr(args, "num_threads", None))
     global _last_parsed
     _last_parsed = args
     return args
 
 
 _last_parsed: argparse.Namespace | None = None
+
+
+def apply_num_threads(count: int | None) -> None:
+    """`torch.set_num_threads(count)` (None: leave torch's choice). Inductor's compiled loops follow
+    it at run time unless they were compiled for a count other than the machine's CPU count."""
+    if count is not None:
+        import torch
+
+        torch.set_num_threads(count)
 
 
 def parsed_args() -> argparse.Namespace | None:
