@@ -7,7 +7,7 @@ from typing import Any, Iterable
 import torch
 
 from sambaflow.errors import SambaOptimizerError
-from sambaflow.optim.base import Hyper, SambaOptimizer, State
+from sambaflow.optim.base import Hyper, SambaOptimizer, State, check_settings
 
 
 class AdamW(SambaOptimizer):
@@ -30,8 +30,13 @@ class AdamW(SambaOptimizer):
         amsgrad: bool = False,
         max_grad_norm: float | None = None,
     ) -> None:
-        if len(tuple(betas)) != 2:
-            raise SambaOptimizerError(f"AdamW: betas must be a pair (beta1, beta2), got {betas!r}")
+        if isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__") or len(betas) != 2:
+            raise SambaOptimizerError(
+                f"AdamW: betas must be a pair (beta1, beta2), e.g. betas=(0.9, 0.997); got {betas!r}"
+            )
+        settings = {"lr": lr, "beta1": betas[0], "beta2": betas[1], "eps": eps, "weight_decay": weight_decay}
+        lr, beta1, beta2, eps, weight_decay = check_settings("AdamW", settings).values()
+        betas = (beta1, beta2)
         if max_grad_norm is not None and max_grad_norm <= 0:
             raise SambaOptimizerError(f"AdamW: max_grad_norm must be positive, got {max_grad_norm}")
         defaults = {

@@ -9,6 +9,7 @@ them at run time never retraces. float64 scalars keep the scalar arithmetic (bia
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable
 
 import torch
@@ -22,6 +23,47 @@ State = dict[str, torch.Tensor]
 def state_name(param_name: str, key: str) -> str:
     """Device-store name of a parameter's optimizer state: `gemm1__weight__momentum_buffer`."""
     return f"{param_name}__{key}"
+
+
+# A hyperparameter's family (`lr` for `lr__1`) -> (lowest, highest, whether highest is allowed,
+# what a good value looks like). As torch.optim refuses them at construction; nan and inf too.
+_RANGES: dict[str, tuple[float, float, bool, str]] = {
+    "lr": (0.0, math.inf, False, "a learning rate >= 0, e.g. 0.01"),
+    "momentum": (0.0, math.inf, False, "a momentum >= 0, e.g. 0.9"),
+    "dampening": (0.0, math.inf, False, "a dampening >= 0"),
+    "weight_decay": (0.0, math.inf, False, "a weight decay >= 0, e.g. 1e-4"),
+    "eps": (0.0, math.inf, False, "an epsilon >= 0, e.g. 1e-8"),
+    "beta1": (0.0, 1.0, False, "a beta in [0, 1), e.g. 0.9"),
+    "beta2": (0.0, 1.0, False, "a beta in [0, 1), e.g. 0.997"),
+    "p": (0.0, 1.0, True, "a dropout probability in [0, 1]"),
+}
+
+
+def hyper_problem(family: str, value: float) -> str | None:
+    """Why `value` cannot be the hyperparameter `family` (None when it can)."""
+    if family not in _RANGES:
+        return None if math.isfinite(value) else "it must be a finite number"
+    low, high, high_ok, wanted = _RANGES[family]
+    if math.isfinite(value) and low <= value and (value < high or (high_ok and value == high)):
+        return None
+    return f"{family} must be {wanted} (nan or a value out of range would poison the weights)"
+
+
+def check_settings(owner: str, settings: dict[str, Any]) -> dict[str, float]:
+    """Constructor settings as floats, each refused (naming it and its fix) when out of range."""
+    checked = {}
+    for key, value in settings.items():
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise SambaOptimizerError(
+                f"{owner}: {key}={value!r} is not a number: pass {_RANGES[key][3]}"
+            ) from None
+        problem = hyper_problem(key, number)
+        if problem:
+            raise SambaOptimizerError(f"{owner}: {key}={value!r} is invalid: {problem}")
+        checked[key] = number
+    return checked
 
 
 def hyper_name(key: str, optimizer_index: int) -> str:

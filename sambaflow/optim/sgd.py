@@ -7,7 +7,7 @@ from typing import Any, Iterable
 import torch
 
 from sambaflow.errors import SambaOptimizerError
-from sambaflow.optim.base import Hyper, SambaOptimizer, State
+from sambaflow.optim.base import Hyper, SambaOptimizer, State, check_settings
 
 
 class SGD(SambaOptimizer):
@@ -22,6 +22,8 @@ class SGD(SambaOptimizer):
         weight_decay: float = 0.0,
         nesterov: bool = False,
     ) -> None:
+        settings = {"lr": lr, "momentum": momentum, "dampening": dampening, "weight_decay": weight_decay}
+        lr, momentum, dampening, weight_decay = check_settings("SGD", settings).values()
         if nesterov and (momentum <= 0 or dampening != 0):
             raise SambaOptimizerError("SGD: nesterov=True needs momentum > 0 and dampening = 0")
         defaults = {

@@ -7,6 +7,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from sambaflow.errors import SambaRunError
+from sambaflow.optim.base import hyper_problem
 from sambaflow.trace.graph import SECTION_ORDER, TensorSpec
 
 
@@ -16,6 +17,11 @@ def resolve_sections(section_types: Sequence[str] | str | None, compiled: list[s
         return list(compiled)
     if isinstance(section_types, str):
         section_types = [section_types]
+    if len(section_types) == 0:
+        raise SambaRunError(
+            f"section_types=[] names no section, so the run would do nothing and return the last "
+            f"outputs again: pass section_types=None (the whole step) or some of {compiled}"
+        )
     chosen = []
     for raw in section_types:
         name = str(raw).lower()
@@ -128,16 +134,56 @@ def expand_hyperparams(
     result: dict[str, float] = {}
     for key, value in given.items():
         if key == "betas":
-            result |= expand_hyperparams({"beta1": value[0], "beta2": value[1]}, names, compiled)
+            result |= expand_hyperparams(_betas(value, names), names, compiled)
             continue
+        number = hyper_value(key, value)
         targets = [n for n in names if n == key or _family(n) == key]
-        if not targets and not _absent_and_zero(key, value):
-            raise SambaRunError(
-                f"hyperparam_dict: '{key}' is not a run-time input of this graph; it has {names}. "
-                + _hint(key)
-            )
-        result |= {n: float(value) for n in targets}
+        if not targets and not _absent_and_zero(key, number):
+            raise SambaRunError(_not_an_input(key, names))
+        result |= {n: number for n in targets}
     return result
+
+
+def hyper_value(key: str, value: Any) -> float:
+    """`value` as a float, refused (naming `key`) when it is not a number or is out of range."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise SambaRunError(
+            f"hyperparam_dict['{key}'] = {value!r} is not a number: pass a float, e.g. "
+            f"{{'{key}': {_EXAMPLE.get(_family(key), 0.1)}}}"
+        ) from None
+    problem = hyper_problem(_family(key), number)
+    if problem:
+        raise SambaRunError(f"hyperparam_dict['{key}'] = {value!r}: {problem}")
+    return number
+
+
+def _betas(value: Any, names: list[str]) -> dict[str, Any]:
+    if "beta1" not in names:
+        raise SambaRunError(_not_an_input("betas", names))
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
+        raise SambaRunError(
+            f"hyperparam_dict['betas'] = {value!r}: betas is a pair (beta1, beta2), e.g. "
+            "{'betas': (0.9, 0.997)}; or set one alone with {'beta1': 0.9}"
+        )
+    return {"beta1": value[0], "beta2": value[1]}
+
+
+_OPTIMIZER_KEYS = ("lr", "momentum", "weight_decay", "beta1", "beta2", "betas", "eps")
+_EXAMPLE = {"lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "beta1": 0.9, "beta2": 0.997, "eps": 1e-8}
+
+
+def _not_an_input(key: str, names: list[str]) -> str:
+    if key in _OPTIMIZER_KEYS and not any(_family(n) == "lr" for n in names):
+        return (
+            f"hyperparam_dict: '{key}' sets an optimizer, and this graph has none: it is forward-only "
+            "(a PEF compiled with --inference, or traced without an optimizer), so it cannot train. "
+            "To train, recompile without --inference and trace with the optimizer; for inference, "
+            "run section_types=['fwd'] without optimizer settings"
+            + (f" (its run-time inputs: {names})" if names else "")
+        )
+    return f"hyperparam_dict: '{key}' is not a run-time input of this graph; it has {names}. " + _hint(key)
 
 
 def _family(name: str) -> str:
@@ -148,14 +194,16 @@ def _family(name: str) -> str:
     return head if tail.isdigit() else name
 
 
-def _absent_and_zero(key: str, value: Any) -> bool:
+def _absent_and_zero(key: str, value: float) -> bool:
     # Apps pass {'momentum': 0} or {'p': 0} to graphs with no momentum or no dropout: a no-op.
-    return key in ("momentum", "p", "weight_decay") and float(value) == 0.0
+    return key in ("momentum", "p", "weight_decay") and value == 0.0
 
 
 def _hint(key: str) -> str:
     if key == "momentum":
         return "Build SGD with momentum > 0 to tune momentum at run time."
+    if key in ("beta1", "beta2", "betas", "eps"):
+        return "These are AdamW settings; this graph's optimizer has none of them."
     if key == "p":
         return "The model has no active dropout (nn.Dropout in train mode)."
     return "Check the spelling, or the optimizer the graph was traced with."
