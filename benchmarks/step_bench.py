@@ -66,7 +66,6 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -88,6 +87,7 @@ from lenet_app import LeNet  # noqa: E402  (examples/lenet_app.py)
 
 import sambaflow.samba.utils as utils  # noqa: E402
 from sambaflow import samba  # noqa: E402
+from sambaflow.app.cpu_load import cpu_seconds, other_cpu_share  # noqa: E402
 from sambaflow.backends import counters  # noqa: E402
 
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 1e-4
@@ -404,24 +404,6 @@ def plan(estimate: dict[str, float], args: argparse.Namespace) -> tuple[int, int
     steps = min(args.steps, max(args.min_steps, int(args.phase_seconds / per_step)))
     rounds = max(1, min(args.rounds, steps))
     return rounds, max(1, steps // rounds)
-
-
-def cpu_seconds() -> tuple[float, float, float]:
-    """(wall, CPU seconds used by the whole machine incl. steal, CPU seconds used by this process)."""
-    machine_busy = 0.0
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        idle = fields[3] + fields[4]  # idle + iowait
-        machine_busy = (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    return time.perf_counter(), machine_busy, own.ru_utime + own.ru_stime
-
-
-def other_cpu_share(before: tuple[float, float, float], after: tuple[float, float, float]) -> float:
-    """Share of all CPU time that other processes (or the hypervisor) took between two snapshots."""
-    wall = after[0] - before[0]
-    others = (after[1] - before[1]) - (after[2] - before[2])
-    return max(0.0, others / (wall * (os.cpu_count() or 1))) if wall > 0 else 0.0
 
 
 def measure(steps: dict[str, Step], rounds: int, block: int) -> dict[str, list[float]]:

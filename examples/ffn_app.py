@@ -62,20 +62,30 @@ class ResFFNLogReg(nn.Module):
 
 
 def add_args(parser) -> None:
-    parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--momentum", type=float, default=0.9)
-    parser.add_argument("--weight-decay", type=float, default=1e-4)
-    parser.add_argument("--num-features", type=int, default=784)
-    parser.add_argument("--hidden-size", type=int, default=256)
-    parser.add_argument("--num-classes", type=int, default=10)
+    parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (default: 0.1)")
+    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
+    parser.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay (default: 1e-4)")
+    parser.add_argument(
+        "--num-features", type=int, default=784, help="input features per sample (default: 784, 28x28)"
+    )
+    parser.add_argument(
+        "--hidden-size", type=int, default=256, help="width of the hidden layers (default: 256)"
+    )
+    parser.add_argument(
+        "--num-classes", type=int, default=10, help="output classes; labels must be 0..N-1 (default: 10)"
+    )
 
 
 def add_run_args(parser) -> None:
-    parser.add_argument("-e", "--num-epochs", type=int, default=5)
+    parser.add_argument("-e", "--num-epochs", type=int, default=5, help="training epochs (default: 5)")
     parser.add_argument("--data-dir", default=None, help="MNIST IDX files; default: scikit-learn digits")
     parser.add_argument("--log-losses", default=None, help="write every step's loss to this JSON file")
     parser.add_argument("--save-checkpoint", default=None, help="save model and optimizer after training")
-    parser.add_argument("--load-checkpoint", default=None, help="resume from a checkpoint")
+    parser.add_argument(
+        "--load-checkpoint",
+        default=None,
+        help="load model and optimizer from this checkpoint first (resume training, or --inference with trained weights)",
+    )
 
 
 def train(args, model: nn.Module, optim, first_epoch: int = 0) -> None:

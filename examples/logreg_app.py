@@ -33,15 +33,19 @@ class LogReg(nn.Module):
 
 
 def add_args(parser) -> None:
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--momentum", type=float, default=0.0)
-    parser.add_argument("--weight-decay", type=float, default=1e-4)
-    parser.add_argument("--num-features", type=int, default=784)
-    parser.add_argument("--num-classes", type=int, default=10)
+    parser.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (default: 0.05)")
+    parser.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (default: 0, none)")
+    parser.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay (default: 1e-4)")
+    parser.add_argument(
+        "--num-features", type=int, default=784, help="input features per sample (default: 784, 28x28)"
+    )
+    parser.add_argument(
+        "--num-classes", type=int, default=10, help="output classes; labels must be 0..N-1 (default: 10)"
+    )
 
 
 def add_run_args(parser) -> None:
-    parser.add_argument("-e", "--num-epochs", type=int, default=3)
+    parser.add_argument("-e", "--num-epochs", type=int, default=3, help="training epochs (default: 3)")
     parser.add_argument("--data-dir", default=None, help="MNIST IDX files; default: scikit-learn digits")
     parser.add_argument("--log-losses", default=None, help="write every step's loss to this JSON file")
 

@@ -15,6 +15,8 @@ from torch import nn
 
 import sambaflow
 from sambaflow.app.backend_choice import choose_backend
+from sambaflow.app.progress_line import ProgramProgress
+from sambaflow.app.run_notes import threads_metadata
 from sambaflow.app.tracing import optimizer_list, progress
 from sambaflow.pef.atomic import atomic_write
 from sambaflow.pef.file import CompiledGraph, write_pef
@@ -100,20 +102,12 @@ def _compiled(
         f"compiling {len(executable.programs)} programs ({', '.join(executable.programs)}) "
         f"with the {backend.name} backend"
     )
-    reports = getattr(backend, "reports", [])
-    seen = len(reports)
-
-    def announce(name: str | None) -> None:
-        """Each Inductor compile takes seconds: say which runs, and each cache hit or miss and why."""
-        nonlocal seen
-        for report in reports[seen:]:
-            log.note(f"  {report.as_text()}")
-        seen = len(reports)
-        if name is not None:
-            log.note(f"  program '{name}' ...")
-
-    binaries = executable.binaries(announce)
-    announce(None)
+    # Each Inductor compile takes seconds: a live line on a terminal, then per program its time
+    # and the backend's report (cache hit or miss and why).
+    distinct = len({id(program) for program in executable.programs.values()})
+    line = ProgramProgress(log.note, distinct, getattr(backend, "reports", None))
+    binaries = executable.binaries(line.start)
+    line.finish()
     return CompiledGraph(graph, executable.programs, binaries)
 
 
@@ -136,7 +130,7 @@ def _header(
         },
         "target": {"backend": backend.name, "device": getattr(backend, "device", "cpu")},
         "compile_args": jsonable({k: v for k, v in config.items() if k != "sign_key"}),
-        "pef_metadata": jsonable(metadata or {}),
+        "pef_metadata": jsonable({"threads": threads_metadata(), **(metadata or {})}),
         "inference": inference,
         "init_output_grads": init_output_grads,
         "app_dir": app_dir,

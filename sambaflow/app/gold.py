@@ -61,6 +61,10 @@ def test_against_cpu(model: nn.Module, inputs: Sequence[torch.Tensor], tolerance
             for p, model_param in zip(gold.parameters(), model.parameters())
             if p.grad is not None
         ]
+    print(
+        f"each tensor passes when max_abs_err <= {ABSOLUTE_TOLERANCE:g} + {tolerance:g} x (its largest "
+        "expected value); 'bound' is that sum"
+    )
     return all(_report(name, got, want, tolerance) for name, got, want in pairs)
 
 
@@ -70,6 +74,10 @@ def _report(name: str, got: torch.Tensor | None, want: torch.Tensor, tolerance: 
         return False
     abs_err, rel_err = compare(got, want)
     scale = float(want.detach().abs().max()) if want.numel() else 0.0
-    ok = abs_err <= ABSOLUTE_TOLERANCE + tolerance * scale
-    print(f"{name:48s} max_abs_err {abs_err:10.3e}  max_rel_err {rel_err:10.3e}  {'PASS' if ok else 'FAIL'}")
+    bound = ABSOLUTE_TOLERANCE + tolerance * scale
+    ok = abs_err <= bound
+    print(
+        f"{name:48s} max_abs_err {abs_err:10.3e}  bound {bound:9.2e}  max_rel_err {rel_err:10.3e}  "
+        f"{'PASS' if ok else 'FAIL'}"
+    )
     return ok

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from sambaflow.app.cpu_load import busy_warning, cpu_seconds, other_cpu_share
 from sambaflow.app.tracing import progress
 from sambaflow.errors import SambaArgumentError, SambaRunError
 from sambaflow.runtime.session import session
@@ -61,11 +62,15 @@ def measure_performance(
         raise SambaArgumentError(f"n_iterations must be at least 1, got {n_iterations}")
     outputs = _outputs(model)
     sections = ["fwd"] if inference else None
+    threads = torch.get_num_threads()
     print(f"Measuring performance with world size:  {world_size}")
+    print(f"CPU threads: {threads} (torch.get_num_threads(); set with --num-threads)")
     print("initial run starts.")
     session.run(inputs, outputs, section_types=sections)
     print("initial run completes.")
+    before = cpu_seconds()
     times = _timed_runs(inputs, outputs, sections, n_iterations, min_duration)
+    others = other_cpu_share(before, cpu_seconds())
     duration = sum(times)
     latency = duration / len(times)
     throughput = len(times) * batch_size * world_size / duration
@@ -75,6 +80,9 @@ def measure_performance(
     )
     print(f"e2e_latency: {latency:.6f} s")
     print(f"total duration: {duration:.4f} s")
+    warning = busy_warning(others, threads)
+    if warning:
+        print(warning)
     if json:
         _write_json(
             json,
@@ -88,6 +96,8 @@ def measure_performance(
                 "median_step_s": statistics.median(times),
                 "inference": inference,
                 "backend": session.executable.backend.name,
+                "num_threads": threads,
+                "other_cpu_share": others,
             },
         )
     return throughput, latency
@@ -114,6 +124,7 @@ def measure_sections(
             samples[name].append(time.perf_counter() - begin)
         samples["step"] += _timed_runs(inputs, outputs, None, 1, None)
     medians = {name: statistics.median(values) for name, values in samples.items()}
+    print(f"CPU threads: {torch.get_num_threads()} (torch.get_num_threads(); set with --num-threads)")
     _print_table(medians, batch_size)
     if json:
         _write_json(json, {"median_s": medians, "n_iterations": n_iterations, "batch_size": batch_size})
