@@ -28,11 +28,13 @@ def main() -> None:
     parser.add_argument("--output-folder", default="out")
     args = parser.parse_args()
     pef = f"{args.output_folder}/ffn/ffn.pef"
-    common = ["-b", "64", "--output-folder", args.output_folder]
+    common = ["-b", "64"]
     step(
         "compile: trace forward + backward + SGD into one graph, write the PEF",
         "compile",
         *common,
+        "--output-folder",
+        args.output_folder,
         "--pef-name",
         "ffn",
         "--backend",
