@@ -38,9 +38,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "examples" / "ffn_app.py"
 
+NUM_THREADS = "THREADS_BENCH_NUM_THREADS"  # the worker applies it as parse_app_args applies --num-threads
 VARIANTS: dict[str, dict[str, str]] = {
     "default": {},
     "OMP_NUM_THREADS=1": {"OMP_NUM_THREADS": "1"},
+    "--num-threads 1": {NUM_THREADS: "1"},  # torch.set_num_threads(1) in the process, as the apps do
     "OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
     "GOMP_SPINCOUNT=0": {"GOMP_SPINCOUNT": "0"},
     "OMP_WAIT_POLICY=ACTIVE": {"OMP_WAIT_POLICY": "ACTIVE"},
@@ -71,8 +73,10 @@ def worker(args: argparse.Namespace) -> None:
 
     import sambaflow.samba.utils as utils
     from sambaflow import samba
+    from sambaflow.app.args import apply_num_threads
     from sambaflow.app.cpu_load import cpu_seconds, other_cpu_share
 
+    apply_num_threads(int(os.environ[NUM_THREADS]) if NUM_THREADS in os.environ else None)
     utils.set_seed(0)
     model = ResFFNLogReg(784, args.hidden_size, 10)
     samba.from_torch_model_(model)

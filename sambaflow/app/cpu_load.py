@@ -33,7 +33,8 @@ def other_cpu_share(before: tuple[float, float, float], after: tuple[float, floa
     """Share of all CPU time that other processes (or the hypervisor) took between two snapshots."""
     wall = after[0] - before[0]
     others = (after[1] - before[1]) - (after[2] - before[2])
-    return max(0.0, others / (wall * (os.cpu_count() or 1))) if wall > 0 else 0.0
+    share = others / (wall * (os.cpu_count() or 1)) if wall > 0 else 0.0
+    return min(1.0, max(0.0, share))  # /proc/stat counts in clock ticks (10 ms): short windows are coarse
 
 
 def busy_warning(share: float, threads: int) -> str | None:
