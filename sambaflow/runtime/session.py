@@ -20,6 +20,7 @@ from sambaflow.passes.sections import FULL_STEP, SAVED_PREFIX
 from sambaflow.runtime.current import set_current_session
 from sambaflow.runtime.executable import Executable
 from sambaflow.runtime.feeds import check_seed, expand_hyperparams, match_inputs, resolve_sections
+from sambaflow.runtime.index_check import explained_failures
 from sambaflow.tensors.model import buffer_name
 from sambaflow.tensors.sambatensor import SambaTensor, named_view
 from sambaflow.trace.graph import BUFFER, HYPER, INPUT, OUTPUT_GRAD, PARAM, STATE, TensorSpec
@@ -42,6 +43,7 @@ class Session:
         self.optimizers: list[SambaOptimizer] = []
         self.init_output_grads = True
         self._seed_defaults: dict[str, torch.Tensor] = {}
+        self._replaced: dict[tuple[str, ...], list[str]] = {}
         self._saved: set[str] = set()
 
     def load(
@@ -181,12 +183,27 @@ class Session:
         self._check_saved(sections)
         self._set_hyperparameters(hyper)
         self.store.update(feeds)
+        programs = [FULL_STEP] if fused else sections
+        self._release_replaced(programs)
         staged: dict[str, torch.Tensor] = {}
-        for name in [FULL_STEP] if fused else sections:
-            executable.run(name, self.store, staged)
+        with explained_failures(graph, feeds):  # names an out-of-range index input, if one failed
+            for name in programs:
+                executable.run(name, self.store, staged)
         self.store.update(staged)
         self._track_saved(sections, staged)
         return self._outputs()
+
+    def _release_replaced(self, programs: list[str]) -> None:
+        """Drop what these programs write anew (the last step's gradients and outputs) before they
+        run, as eager's `zero_grad()` frees gradients: old and new are never held at once (500 MB
+        for GPT-2 small). A run that fails leaves no gradients, never stale ones."""
+        key = tuple(programs)
+        if key not in self._replaced:
+            found = [self.executable.programs[p] for p in programs]
+            read = {n for p in found for n in p.inputs}
+            self._replaced[key] = [n for p in found for n in p.outputs if n not in read]
+        for name in self._replaced[key]:
+            self.store.pop(name, None)
 
     def _track_saved(self, sections: list[str], staged: dict[str, torch.Tensor]) -> None:
         """Forget saved activations once `opt` ran: they may view weights it just changed."""
