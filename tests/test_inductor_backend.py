@@ -218,6 +218,14 @@ def test_a_miss_says_what_changed(backend, step, exported):
     assert "image [16, 784]" in reason and "image [32, 784]" in reason, reason
 
 
+def test_a_miss_of_another_model_says_not_compiled_before(backend, step, exported):
+    parts = fingerprint_parts(step)
+    parts["inputs"] = [p.replace("image", "pixels") for p in parts["inputs"]]
+    blob, reason = backend.cache.get("0" * 32, "step", parts)
+    assert blob is None
+    assert reason.startswith("not compiled before") and "differs" not in reason, reason
+
+
 # --- loading --------------------------------------------------------------------------------------
 def test_load_refuses_a_package_for_another_program(graph, backend, exported):
     with pytest.raises(SambaBackendError, match="another graph"):

@@ -151,20 +151,18 @@ class PackageCache:
         return blob
 
     def _why_missing(self, name: str, parts: dict[str, Any]) -> str:
-        previous = self._latest_note(name)
+        previous = self._latest_note(name, _tensor_names(parts))
         if previous is None:
-            return f"no package for program '{name}' in {self.root} yet"
+            return f"not compiled before (no cached '{name}' program of this model in {self.root})"
         changed = [
             _difference(k, previous["parts"].get(k), v)
             for k, v in parts.items()
             if previous["parts"].get(k) != v
         ]
-        return (
-            f"no cached package matches; the newest cached '{name}' program (perhaps another "
-            f"model's) differs: " + "; ".join(changed)
-        )
+        return f"this model's newest cached '{name}' program differs: " + "; ".join(changed)
 
-    def _latest_note(self, name: str) -> dict[str, Any] | None:
+    def _latest_note(self, name: str, tensors: list[str]) -> dict[str, Any] | None:
+        """The newest note of program `name` over the same named tensors (the same model)."""
         notes = []
         for path in self.root.glob("*.json") if self.root.is_dir() else []:
             try:
@@ -172,8 +170,15 @@ class PackageCache:
             except (OSError, SambaBackendError):
                 continue
             if note.get("program") == name and isinstance(note.get("parts"), dict):
-                notes.append(note)
+                if _tensor_names(note["parts"]) == tensors:
+                    notes.append(note)
         return max(notes, key=lambda n: n.get("created", 0), default=None)
+
+
+def _tensor_names(parts: dict[str, Any]) -> list[str]:
+    """The program's input names (`inputs` entries read 'name layout'): which model it is."""
+    inputs = parts.get("inputs")
+    return [str(entry).split(" ")[0] for entry in inputs] if isinstance(inputs, list) else []
 
 
 def _read_note(path: Path) -> dict[str, Any]:
