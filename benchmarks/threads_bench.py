@@ -6,8 +6,9 @@
 
 Compiles one PEF (examples/ffn_app.py, the inductor backend, compile cache as usual), then times
 `--steps` whole steps (`samba.session.run`) in a fresh process per variant: each environment
-below, once on a quiet machine and once with `--busy` competing processes (Python busy loops this
-script starts, and stops afterwards). Prints the median step time, busy / quiet, and each
+below, once on a quiet machine and once with `--busy` competing processes that this script starts
+and stops afterwards (`--busy-kind`: PyTorch matrix products on their own OpenMP threads, or a
+Python loop). Prints the median step time, busy / quiet, and each
 variant against the default environment on a quiet machine.
 
 Why these variants. torch's CPU wheels use GNU OpenMP (torch/lib/libgomp.so.1; Intel's
@@ -47,7 +48,12 @@ VARIANTS: dict[str, dict[str, str]] = {
     "GOMP_SPINCOUNT=0": {"GOMP_SPINCOUNT": "0"},
     "OMP_WAIT_POLICY=ACTIVE": {"OMP_WAIT_POLICY": "ACTIVE"},
 }
-BUSY_LOOP = "while True: pass"
+BUSY_KINDS = {
+    # a single-threaded Python loop
+    "python": "while True: pass",
+    # another PyTorch process with its own OpenMP threads (a second training run, a test suite)
+    "torch": "import torch\na = torch.randn(256, 256)\nwhile True: torch.relu(a @ a)",
+}
 
 
 def parse() -> argparse.Namespace:
@@ -56,6 +62,13 @@ def parse() -> argparse.Namespace:
     p.add_argument("-b", "--batch-size", type=int, default=64, help="batch size (default: 64)")
     p.add_argument("--hidden-size", type=int, default=256, help="ffn_app hidden size (default: 256)")
     p.add_argument("--busy", type=int, default=1, help="competing busy processes (default: 1)")
+    p.add_argument(
+        "--busy-kind",
+        choices=sorted(BUSY_KINDS),
+        default="torch",
+        help="what each busy process runs: a Python loop, or PyTorch matrix products on its own "
+        "OpenMP threads (default: torch)",
+    )
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of VARIANTS")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: time one variant
@@ -120,8 +133,8 @@ def compile_pef(folder: str, args: argparse.Namespace) -> str:
     return os.path.join(folder, "out", "ffn", "ffn.pef")
 
 
-def with_busy(count: int, run):
-    busy = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(count)]
+def with_busy(count: int, kind: str, run):
+    busy = [subprocess.Popen([sys.executable, "-c", BUSY_KINDS[kind]]) for _ in range(count)]
     try:
         time.sleep(0.5)
         return run()
@@ -136,7 +149,7 @@ def measure_all(pef: str, args: argparse.Namespace) -> dict[str, dict[str, dict[
     for name in args.variants.split(","):
         env = VARIANTS[name]
         quiet = time_variant(pef, env, args)
-        busy = with_busy(args.busy, lambda env=env: time_variant(pef, env, args))
+        busy = with_busy(args.busy, args.busy_kind, lambda env=env: time_variant(pef, env, args))
         results[name] = {"quiet": quiet, "busy": busy}
         print(f"  {name}: quiet {quiet['median_ms']:.3f} ms, busy {busy['median_ms']:.3f} ms", flush=True)
     return results
@@ -146,7 +159,7 @@ def print_table(results: dict[str, dict[str, dict[str, float]]], args: argparse.
     base = results.get("default", next(iter(results.values())))["quiet"]["median_ms"]
     print(
         f"\nffn_app step, batch {args.batch_size}, hidden {args.hidden_size}, {os.cpu_count()} CPUs, "
-        f"{args.busy} busy process(es), {args.steps} steps, median ms"
+        f"{args.busy} busy process(es) ({args.busy_kind}), {args.steps} steps, median ms"
     )
     header = f"{'variant':<26}{'threads':>8}{'quiet':>10}{'busy':>10}{'busy/quiet':>12}{'quiet/default':>15}"
     print(header + f"{'others quiet':>14}{'others busy':>13}")
