@@ -283,6 +283,33 @@ def test_full_step_with_a_logits_seed_reaches_backward(tol):
         assert rel_err(got.sn_grad, want.grad) < tol
 
 
+class PerSampleLoss(torch.nn.Module):
+    """A per-sample loss first and the logits second, as SambaFlow's GPT-2 tutorial returns them."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(64, 10)
+
+    def forward(self, x, y):
+        logits = self.fc(x)
+        return torch.nn.functional.cross_entropy(logits, y, reduction="none"), logits
+
+
+def test_per_sample_loss_seeded_each_step_runs_the_fused_step(tol):
+    reference, model = make_pair(PerSampleLoss)
+    batch = mnist_like(64)()
+    inputs = named_inputs(["x", "y"], batch)
+    outs = utils.trace_graph(model, inputs, samba.optim.SGD(model.parameters(), lr=0.0))
+    step = samba.session.executable.programs["step"]
+    assert f"{outs[0].sn_name}__grad" in step.inputs and f"{outs[1].sn_name}__grad" not in step.inputs
+    weights = torch.rand(BATCH)
+    outs[0].sn_grad = weights
+    samba.session.run(inputs, outs)
+    reference(*batch)[0].backward(weights)
+    for got, want in zip(model.parameters(), reference.parameters()):
+        assert rel_err(got.sn_grad, want.grad) < tol
+
+
 def test_host_model_unchanged_until_to_cpu():
     _, model = make_pair(lambda: ResFFNLogReg(64, 32, 10))
     before = copy.deepcopy(model.state_dict())

@@ -1,11 +1,11 @@
-"""Specialise the fused step for the usual output-gradient seeds: zero for every output but the losses.
+"""Specialise the fused step for the usual output-gradient seeds: zero for outputs such as logits.
 
 A traced step takes one seed per differentiable output (`<output>__grad`) and backward adds it to
 that output's gradient. In the usual step only the losses are seeded (with one); the logits' seed
 is zero. Fed as an input, that zero is a real tensor the size of the logits (103 MB for GPT-2 with
 a 50257-token vocabulary and 512 tokens), held in the store and read and added every step. This
-pass makes those seeds constant zeros inside the program, so `add(seed, g)` becomes `g` and the
-seed is no longer an input. A run that gives a non-zero seed for such an output (`grad_of_outputs`,
+pass makes chosen seeds (`runtime.executable.zero_seeds`: all but the losses') constant zeros
+inside the program, so `add(seed, g)` becomes `g` and the seed is no longer an input. A run that gives a non-zero seed for such an output (`grad_of_outputs`,
 `out.sn_grad`) then runs the section programs, which keep every seed as an input.
 """
 

@@ -31,9 +31,12 @@ def programs_of(graph: TracedGraph) -> dict[str, SectionProgram]:
 
 
 def zero_seeds(graph: TracedGraph) -> list[str]:
-    """Output-gradient seeds that are zero in the usual step: those of outputs that are not losses."""
-    losses = {f"{name}__grad" for name in graph.loss_names}
-    return [s.name for s in graph.inputs_with_role(OUTPUT_GRAD) if s.name not in losses]
+    """Output-gradient seeds the fused step holds at zero: all but the losses'. Where no output is a
+    loss (0-d, or named by `loss_indices`), the first output's seed stays an input too: SambaFlow
+    apps seed a per-token loss, `outputs[0].sn_grad = scale`, every step (the GPT-2 tutorial)."""
+    kept = list(graph.loss_names) or [s.name for s in graph.model_outputs[:1]]
+    seeded = {f"{name}__grad" for name in kept}
+    return [s.name for s in graph.inputs_with_role(OUTPUT_GRAD) if s.name not in seeded]
 
 
 @dataclass
