@@ -25,7 +25,6 @@ from sambaflow.app.progress_line import ProgramProgress
 from sambaflow.backends.inductor import CompileReport
 from sambaflow.backends.inductor.probe import available
 from sambaflow.errors import SambaOptimizerError, SambaRunError
-from sambaflow.runtime.index_check import explained_failures
 from sambaflow.samba import utils
 
 from models import ResFFNLogReg
@@ -266,18 +265,11 @@ def test_empty_section_types_is_an_error():
         samba.session.run([x, label], outs, section_types=[])
 
 
-def run_explained(inputs, outs, **kwargs):
-    """A run as session.run does it once it reports backend failures through explained_failures."""
-    feeds = {t.sn_name: t for t in inputs}
-    with explained_failures(samba.session.executable.graph, feeds):
-        return samba.session.run(inputs, outs, **kwargs)
-
-
 def test_out_of_range_label_names_the_input_reference():
     _, x, _, outs = traced_ffn()
     bad = samba.from_torch_tensor(torch.tensor([0, 1, 4, 2]), name="label", batch_dim=0)
     with pytest.raises(SambaRunError, match=r"input 'label' holds 1 value\(s\) out of range, e.g. \[4\].*loss over 4 classes, valid 0 <= value < 4") as info:  # fmt: skip
-        run_explained([x, bad], outs)
+        samba.session.run([x, bad], outs)
     assert "Target 4 is out of bounds" in str(info.value.__cause__)
 
 
@@ -296,8 +288,8 @@ def test_out_of_range_token_names_the_embedding():
     outs = utils.trace_graph(model, [tokens], samba.optim.SGD(model.parameters(), lr=0.1))
     bad = samba.from_torch_tensor(torch.tensor([[0, 1, 2], [7, 4, -1]]), name="tokens")
     with pytest.raises(SambaRunError, match=r"input 'tokens' holds 2 value\(s\) out of range, e.g. \[-1, 7\]: it is the row numbers of an embedding with 5 rows"):  # fmt: skip
-        run_explained([bad], outs)
-    run_explained([tokens], outs)  # in range: runs
+        samba.session.run([bad], outs)
+    samba.session.run([tokens], outs)  # in range: runs
 
 
 @pytest.mark.slow
@@ -306,7 +298,7 @@ def test_out_of_range_label_names_the_input_inductor():
     _, x, _, outs = traced_ffn(optim=False, backend="inductor")  # forward only: one small program
     bad = samba.from_torch_tensor(torch.tensor([0, 1, 10, 2]), name="label", batch_dim=0)
     with pytest.raises(SambaRunError, match=r"input 'label' holds 1 value\(s\) out of range, e.g. \[10\].*valid 0 <= value < 4") as info:  # fmt: skip
-        run_explained([x, bad], outs)
+        samba.session.run([x, bad], outs)
     assert "index out of bounds" in str(info.value.__cause__)
 
 
