@@ -11,7 +11,7 @@ import torch
 from test_pef import build
 
 from sambaflow import samba
-from sambaflow.pef.atomic import atomic_write
+from sambaflow.atomic import atomic_write
 from sambaflow.samba import utils
 
 APP = """

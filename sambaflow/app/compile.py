@@ -18,7 +18,7 @@ from sambaflow.app.backend_choice import choose_backend
 from sambaflow.app.progress_line import ProgramProgress
 from sambaflow.app.run_notes import threads_metadata
 from sambaflow.app.tracing import optimizer_list, progress
-from sambaflow.pef.atomic import atomic_write
+from sambaflow.atomic import atomic_write
 from sambaflow.pef.file import CompiledGraph, write_pef
 from sambaflow.pef.sign import key_path, load_key
 from sambaflow.runtime.executable import Executable

@@ -16,10 +16,10 @@ import zipfile
 from dataclasses import dataclass
 from typing import Any
 
+from sambaflow.atomic import atomic_write
 from sambaflow.errors import SambaPefError
 from sambaflow.passes.sections import SectionProgram
 from sambaflow.pef.archive import Archive
-from sambaflow.pef.atomic import atomic_write
 from sambaflow.pef.codec import encode_graph
 from sambaflow.pef.consistency import (
     MANIFEST,

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import stat
-import tempfile
 from pathlib import Path
+
+from sambaflow.atomic import atomic_write
 
 _OTHERS_WRITE = stat.S_IWGRP | stat.S_IWOTH
 
@@ -59,27 +60,5 @@ def _make(path: Path) -> None:
 
 def write_private(path: Path, data: bytes) -> None:
     """Write `path` atomically (unique temp file in the same folder, fsync, rename), mode 0600."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # 0600
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_folder(path.parent)
-
-
-def _fsync_folder(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    with atomic_write(str(path), mode=0o600) as handle:
+        handle.write(data)

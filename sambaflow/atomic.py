@@ -3,6 +3,7 @@
 The data goes to a unique temporary file in the target's folder (so the rename stays on one file
 system), is flushed and fsynced, then `os.replace`s the target; on any error the temporary file is
 removed. Two processes writing the same path both succeed; the file left is one of theirs, whole.
+Used for PEFs and compile logs (pef/, app/) and for compile-cache entries (backends/inductor/).
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ from typing import BinaryIO
 
 
 @contextlib.contextmanager
-def atomic_write(path: str) -> Iterator[BinaryIO]:
-    """`with atomic_write(path) as handle: handle.write(...)`: `path` appears complete or not at all."""
+def atomic_write(path: str, mode: int | None = None) -> Iterator[BinaryIO]:
+    """`with atomic_write(path) as handle: handle.write(...)`: `path` appears complete or not at all.
+
+    The file gets `mode`, else what the umask gives a new file.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
@@ -25,7 +29,8 @@ def atomic_write(path: str) -> Iterator[BinaryIO]:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from its group
+        # mkstemp's 0600 would hide a PEF from its group; cache entries ask for 0600
+        os.chmod(temporary, 0o666 & ~_umask() if mode is None else mode)
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
