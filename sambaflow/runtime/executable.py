@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -77,11 +78,12 @@ class Executable:
     def sections(self) -> list[str]:
         return self.graph.sections
 
-    @property
-    def step_seeds(self) -> list[str]:
-        """The output-gradient seeds the fused step takes; the others it holds at zero."""
+    @functools.cached_property
+    def step_seeds(self) -> frozenset[str]:
+        """The output-gradient seeds the fused step takes; the others it holds at zero (read on
+        every run, so worked out once: the programs never change)."""
         step = set(self.programs[FULL_STEP].inputs)
-        return [s.name for s in self.graph.inputs_with_role(OUTPUT_GRAD) if s.name in step]
+        return frozenset(s.name for s in self.graph.inputs_with_role(OUTPUT_GRAD) if s.name in step)
 
     def program(self, name: str) -> tuple[SectionProgram, CompiledProgram]:
         if name not in self.compiled:

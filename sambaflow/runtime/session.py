@@ -240,7 +240,7 @@ class Session:
     def _fused_step_takes(self, seeds: dict[str, torch.Tensor]) -> bool:
         """False when a seed the fused step holds at zero is given another value: the section
         programs, which take every seed, run instead."""
-        taken = set(self.executable.step_seeds)
+        taken = self.executable.step_seeds
         return all(n in taken or seeds[n] is self._seed_defaults.get(n) for n in seeds)
 
     def _seeds(
