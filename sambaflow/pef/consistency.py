@@ -116,18 +116,17 @@ def check_programs(manifest: dict[str, Any], members: dict[str, bytes], path: st
         for name, program in entry["programs"].items():
             member = program["graph"]
             if member not in graphs:
-                graphs[member] = _parse(members[member], member, path)
+                graphs[member] = parse_json(members[member], f"'{path}': member '{member}'")
             _check_wiring(graphs[member], program, f"graphs.{kind}.programs.{name}", member, path)
     return graphs
 
 
-def _parse(data: bytes, member: str, path: str) -> Any:
+def parse_json(data: bytes, where: str) -> Any:
+    """A PEF member's JSON; damage (bad bytes, bad JSON, absurd nesting) is a SambaPefError."""
     try:
         return json.loads(data)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise SambaPefError(
-            f"'{path}': member '{member}' is not valid JSON ({exc}); recompile the PEF"
-        ) from None
+        raise SambaPefError(f"{where} is not valid JSON ({exc}); the PEF is damaged: recompile it") from None
 
 
 def _check_wiring(encoded: Any, program: dict[str, Any], where: str, member: str, path: str) -> None:

@@ -27,6 +27,7 @@ from sambaflow.pef.consistency import (
     check_listing,
     check_programs,
     manifest_digest,
+    parse_json,
 )
 from sambaflow.pef.decode import decode_graph
 from sambaflow.pef.manifest import FORMAT, FORMAT_VERSION, graph_entry, graph_from_entry
@@ -169,7 +170,7 @@ def _read_verified(
         signature = archive.read(SIGNATURE, MAX_SIGNATURE_BYTES) if SIGNATURE in archive.infos else None
         if key is not None:
             verify(raw, signature, key, path)  # before anything from the file is parsed
-        manifest = _json(raw, f"{path}:{MANIFEST}")
+        manifest = parse_json(raw, f"{path}:{MANIFEST}")
         _check_format(manifest, path)
         _check_digest(manifest, path)
         check_manifest(manifest, path)
@@ -178,13 +179,6 @@ def _read_verified(
         members = {n: archive.read(n, e["size"]) for n, e in manifest["members"].items()}
     _check_members(manifest, members, path)
     return manifest, members, signature
-
-
-def _json(data: bytes, where: str) -> Any:
-    try:
-        return json.loads(data)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise SambaPefError(f"{where} is not valid JSON ({exc}); the PEF is damaged: recompile it") from None
 
 
 def _check_format(manifest: Any, path: str) -> None:
