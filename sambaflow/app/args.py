@@ -75,8 +75,6 @@ INEFFECTIVE_ARGUMENTS: dict[str, tuple[str, Any, str]] = {
     ),
     "mapping": ("--mapping", "section", "only section mapping is implemented"),
     "reduce_on_rdu": ("--reduce-on-rdu", False, "gradients are all-reduced by torch.distributed"),
-    "grad_accumulation_steps": ("--grad-accumulation-steps", 1, "gradient accumulation is not implemented"),
-    "microbatch_size": ("-mb/--microbatch-size", None, "micro-batching is not implemented"),
     "data_parallel": ("--data-parallel", False, "data-parallel compilation is not implemented"),
     "world_size": ("-ws/--world-size", 1, "data-parallel compilation is not implemented"),
 }
@@ -428,6 +426,15 @@ def ineffective_arguments(args: argparse.Namespace) -> list[str]:
         value = getattr(args, dest, default)
         if value != default:
             lines.append(f"{_describe(flag, value)}: accepted but had no effect ({why})")
+    if getattr(args, "inference", False):
+        for flag, dest, default in (
+            ("-mb/--microbatch-size", "microbatch_size", None),
+            ("--grad-accumulation-steps", "grad_accumulation_steps", 1),
+        ):
+            value = getattr(args, dest, default)
+            if value != default:
+                why = "an inference graph has no gradients to accumulate"
+                lines.append(f"{_describe(flag, value)}: accepted but had no effect ({why})")
     return lines
 
 

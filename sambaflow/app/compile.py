@@ -15,6 +15,7 @@ from torch import nn
 
 import sambaflow
 from sambaflow.app.backend_choice import choose_backend
+from sambaflow.app.microbatching import trace_microbatched
 from sambaflow.app.progress_line import ProgramProgress
 from sambaflow.app.run_notes import threads_metadata
 from sambaflow.app.tracing import optimizer_list, progress
@@ -22,7 +23,6 @@ from sambaflow.atomic import atomic_write
 from sambaflow.pef.file import CompiledGraph, write_pef
 from sambaflow.pef.sign import key_path, load_key
 from sambaflow.runtime.executable import Executable
-from sambaflow.trace.tracer import trace_step
 
 
 def pef_path_for(name: str, config: dict[str, Any], inference: bool) -> str:
@@ -65,7 +65,8 @@ def compile_pef(
     graphs = {}
     optimizers = [] if inference else optimizer_list(optim)
     if optimizers:
-        graphs["train"] = _compiled(model, inputs, optimizers, loss_indices, chosen, log)
+        microbatch = config.get("microbatch_size")
+        graphs["train"] = _compiled(model, inputs, optimizers, loss_indices, chosen, log, microbatch)
     graphs["inference"] = _compiled(model, inputs, [], loss_indices, chosen, log)
     header = _header(name, chosen, config, pef_metadata, inference, init_output_grads, app_dir)
     main = graphs.get("train", graphs["inference"]).graph
@@ -93,10 +94,11 @@ def _compiled(
     loss_indices: Any,
     backend: Any,
     log: CompileLog,
+    microbatch_size: int | None = None,
 ) -> CompiledGraph:
     kind = "training step" if optimizers else "inference graph"
     log.note(f"tracing the {kind} of {type(model).__name__}")
-    graph = trace_step(model, inputs, optimizers, loss_indices=loss_indices, backward=bool(optimizers))
+    graph = trace_microbatched(model, inputs, optimizers, microbatch_size, log.note, loss_indices)
     executable = Executable.build(graph, backend)
     log.note(
         f"compiling {len(executable.programs)} programs ({', '.join(executable.programs)}) "

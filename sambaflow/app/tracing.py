@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 from sambaflow.app import run_notes
+from sambaflow.app.args import parsed_args
 from sambaflow.app.backend_choice import choose_backend, requested_backend
+from sambaflow.app.microbatching import trace_microbatched
 from sambaflow.backends.base import get_backend
 from sambaflow.backends.counters import debug_level
 from sambaflow.errors import SambaPefError
@@ -49,6 +51,7 @@ def trace_graph(
     transfer_device: bool = True,
     backend: str | None = None,
     sign_key: str | None = None,
+    microbatch_size: int | None = None,
     **_: Any,
 ) -> list[SambaTensor]:
     """Trace `model` (forward, backward and `optim`'s update) and load it into the session.
@@ -70,7 +73,11 @@ def trace_graph(
     if pef_file is not None and optimizers and "train" not in pef_file.kinds:
         progress(f"{pef} is forward-only (compiled with --inference): the optimizer is not used")
         optimizers = []
-    traced = trace_step(model, inputs, optimizers, loss_indices=loss_indices, backward=bool(optimizers))
+    if pef_file is None:  # compiled here: with the parsed -mb, micro-batched as a compile would be
+        microbatch = microbatch_size or getattr(parsed_args(), "microbatch_size", None)
+        traced = trace_microbatched(model, inputs, optimizers, microbatch, progress, loss_indices)
+    else:
+        traced = trace_step(model, inputs, optimizers, loss_indices=loss_indices, backward=bool(optimizers))
     session.trace_count += 1
     if debug_level() >= 3:
         print(traced.as_text(), file=sys.stderr)
@@ -85,8 +92,6 @@ def trace_graph(
 
 def _say_how_it_runs(pef_file: PefFile | None, requested: Any, chosen: Any) -> None:
     """One line each: compiled in this process (and how), settings the PEF overrides, no weights."""
-    from sambaflow.app.args import parsed_args
-
     if pef_file is None:
         notes = [run_notes.in_process(chosen.name)]
     else:
@@ -104,8 +109,6 @@ def _say_how_it_runs(pef_file: PefFile | None, requested: Any, chosen: Any) -> N
 
 def load_pef(path: str, sign_key: str | None = None) -> PefFile:
     """The verified PEF; says once per file when it holds native code no signature vouches for."""
-    from sambaflow.app.args import parsed_args
-
     explicit = sign_key or getattr(parsed_args(), "sign_key", None)
     pef = PefFile(path, load_key(key_path(explicit)))
     if pef.binary_members and not pef.verified and path not in _warned_unsigned:

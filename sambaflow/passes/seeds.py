@@ -6,7 +6,8 @@ is zero. Fed as an input, that zero is a real tensor the size of the logits (103
 a 50257-token vocabulary and 512 tokens), held in the store and read and added every step. This
 pass makes chosen seeds (`runtime.executable.zero_seeds`: all but the losses') constant zeros
 inside the program, so `add(seed, g)` becomes `g` and the seed is no longer an input. A run that gives a non-zero seed for such an output (`grad_of_outputs`,
-`out.sn_grad`) then runs the section programs, which keep every seed as an input.
+`out.sn_grad`) then runs the section programs, which keep every seed as an input. A micro-batched
+step's slices of such a seed are zero too.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ def zero_seeded(program: SectionProgram, seeds: list[str]) -> SectionProgram:
 def _replace_with_zeros(graph: fx.Graph, seed: fx.Node) -> None:
     value = seed.meta["val"]
     for user in list(seed.users):
+        if user.target is aten.slice.Tensor and user.args[0] is seed:
+            _replace_with_zeros(graph, user)  # a micro-batch's part of a zero seed is zero too
+            continue
         other = _other_addend(user, seed)
         if other is not None and _same_result(user, other):
             user.replace_all_uses_with(other)  # g + 0 is g

@@ -35,7 +35,8 @@ def spec_from_json(entry: dict[str, Any]) -> TensorSpec:
 
 
 def fingerprint(graph: TracedGraph) -> str:
-    """Hash of the step's computation and its named inputs and outputs."""
+    """Hash of the step's computation as the app traces it, and its named inputs and outputs."""
+    graph = graph.origin or graph
     payload = {
         "graph": encode_graph(graph.module),
         "inputs": [spec_to_json(s) for s in graph.inputs],

@@ -56,6 +56,9 @@ class TracedGraph:
     loss_names: list[str] = field(default_factory=list)
     hyper_defaults: dict[str, float] = field(default_factory=dict)
     baked: list[str] = field(default_factory=list)
+    #: the app's trace this graph was made from by a pass (micro-batching): PEFs record and match
+    #: the app's trace, which the app makes anew at run time
+    origin: TracedGraph | None = None
 
     _by_role: dict[tuple[str, ...], list[TensorSpec]] = field(default_factory=dict, repr=False)
 
