@@ -240,13 +240,12 @@ def test_no_ineffective_arguments_by_default(command):
     assert ineffective_arguments(parse_app_args([command])) == []
 
 
-def test_ineffective_arguments_lists_mb_and_n_chips():
-    lines = ineffective_arguments(parse_app_args(["compile", "-b", "64", "-mb", "4", "--n-chips", "2"]))
-    assert len(lines) == 2
-    mb = next(line for line in lines if "--microbatch-size" in line)
-    chips = next(line for line in lines if "--n-chips" in line)
-    assert "4" in mb and "no effect" in mb
-    assert "2" in chips and "no effect" in chips
+def test_ineffective_arguments_lists_n_chips_and_mb_only_for_inference():
+    training = ineffective_arguments(parse_app_args(["compile", "-b", "64", "-mb", "4", "--n-chips", "2"]))
+    assert len(training) == 1 and "--n-chips 2" in training[0] and "no effect" in training[0]
+    argv = ["compile", "-b", "64", "-mb", "4", "--grad-accumulation-steps", "2", "--inference"]
+    inference = ineffective_arguments(parse_app_args(argv))
+    assert len(inference) == 2 and all("inference graph" in line for line in inference)
 
 
 def test_ineffective_arguments_covers_every_listed_argument():
@@ -254,7 +253,8 @@ def test_ineffective_arguments_covers_every_listed_argument():
             "--reduce-on-rdu", "--grad-accumulation-steps", "3", "-mb", "2", "--data-parallel", "-ws", "2",
             "--arch", "sn20", "--resources-scaling-factors", "0.8", "0.8", "0.8"]  # fmt: skip
     lines = ineffective_arguments(parse_app_args(argv))
-    assert len(lines) == len(INEFFECTIVE_ARGUMENTS) == 12
+    assert len(lines) == len(INEFFECTIVE_ARGUMENTS)  # -mb and accumulation act on a training compile
+    assert not any("--microbatch-size" in line or "--grad-accumulation" in line for line in lines)
     assert any(line.startswith("--resources-scaling-factors [0.8, 0.8, 0.8]:") for line in lines)
     assert any(line.startswith("--mapping spatial") for line in lines)
     assert any(line.startswith("--o0:") for line in lines)

@@ -65,8 +65,10 @@ def compile_pef(
     graphs = {}
     optimizers = [] if inference else optimizer_list(optim)
     if optimizers:
+        # accumulation and data parallel run the step as `grads` then `update`: compile those too
+        split = (config.get("grad_accumulation_steps") or 1) > 1 or bool(config.get("data_parallel"))
         microbatch = config.get("microbatch_size")
-        graphs["train"] = _compiled(model, inputs, optimizers, loss_indices, chosen, log, microbatch)
+        graphs["train"] = _compiled(model, inputs, optimizers, loss_indices, chosen, log, microbatch, split)
     graphs["inference"] = _compiled(model, inputs, [], loss_indices, chosen, log)
     header = _header(name, chosen, config, pef_metadata, inference, init_output_grads, app_dir)
     main = graphs.get("train", graphs["inference"]).graph
@@ -95,11 +97,12 @@ def _compiled(
     backend: Any,
     log: CompileLog,
     microbatch_size: int | None = None,
+    split_at_gradients: bool = False,
 ) -> CompiledGraph:
     kind = "training step" if optimizers else "inference graph"
     log.note(f"tracing the {kind} of {type(model).__name__}")
     graph = trace_microbatched(model, inputs, optimizers, microbatch_size, log.note, loss_indices)
-    executable = Executable.build(graph, backend)
+    executable = Executable.build(graph, backend, split_at_gradients=split_at_gradients)
     log.note(
         f"compiling {len(executable.programs)} programs ({', '.join(executable.programs)}) "
         f"with the {backend.name} backend"

@@ -52,6 +52,7 @@ def trace_graph(
     backend: str | None = None,
     sign_key: str | None = None,
     microbatch_size: int | None = None,
+    grad_accumulation_steps: int | None = None,
     **_: Any,
 ) -> list[SambaTensor]:
     """Trace `model` (forward, backward and `optim`'s update) and load it into the session.
@@ -64,6 +65,10 @@ def trace_graph(
 
     With a signing key (`sign_key`, else the parsed `--sign-key`, else `$SAMBAFLOW_SIGN_KEY`) only a
     PEF signed with it loads; its signature is checked before anything in it is used.
+
+    Micro-batching (`microbatch_size`, else the parsed `-mb`) applies where the step is compiled
+    here; a PEF keeps the one it was compiled with. Gradient accumulation (`grad_accumulation_steps`,
+    else a parsed `--grad-accumulation-steps` other than 1, else the PEF's) applies to whole steps.
     """
     optimizers = optimizer_list(optim)
     requested = requested_backend(backend)
@@ -81,13 +86,27 @@ def trace_graph(
     session.trace_count += 1
     if debug_level() >= 3:
         print(traced.as_text(), file=sys.stderr)
+    settings = _step_settings(pef_file, grad_accumulation_steps)
     if pef_file is not None:
         executable = _from_pef(pef_file, traced, bool(optimizers))
     else:
-        executable = Executable.build(traced, chosen)
-    outputs = session.load(executable, model, optimizers, init_output_grads)
+        split = settings["grad_accumulation_steps"] > 1 or settings["data_parallel"]
+        executable = Executable.build(traced, chosen, split_at_gradients=bool(split))
+    steps = settings["grad_accumulation_steps"] if optimizers else 1
+    outputs = session.load(executable, model, optimizers, init_output_grads, steps)
     model.output_tensors = outputs
     return outputs
+
+
+def _step_settings(pef_file: PefFile | None, accumulation: int | None) -> dict[str, Any]:
+    """Gradient accumulation and data parallel: given, else parsed from `run`, else the PEF's."""
+    args = parsed_args()
+    recorded = pef_file.manifest.get("compile_args", {}) if pef_file is not None else {}
+    steps = accumulation or getattr(args, "grad_accumulation_steps", 1)
+    if steps == 1:
+        steps = int(recorded.get("grad_accumulation_steps") or 1)
+    parallel = bool(getattr(args, "data_parallel", False) or recorded.get("data_parallel"))
+    return {"grad_accumulation_steps": steps, "data_parallel": parallel}
 
 
 def _say_how_it_runs(pef_file: PefFile | None, requested: Any, chosen: Any) -> None:

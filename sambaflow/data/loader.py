@@ -25,7 +25,7 @@ import torch
 
 from sambaflow.errors import SambaArgumentError, SambaRunError
 from sambaflow.logging import samba_logger
-from sambaflow.runtime.current import current_session
+from sambaflow.tensors.current import current_session
 from sambaflow.tensors.sambatensor import SambaTensor
 
 POLL_S = 0.05  # how often a producer blocked on a full queue looks at the stop event

@@ -1,9 +1,13 @@
 """Cut the traced step into one program per section, plus the fused whole-step program.
 
 A section program reads named tensors from the device tensor store and writes named tensors back.
-Values that one section computes and a later one uses (activations that `bckwd` needs, gradients
-that `opt` needs) travel through the store under the name `__saved__<node>`, so running
-`['fwd']` then `['bckwd', 'opt']` computes exactly what one full run computes.
+Values that one section computes and a later one uses travel through the store: a graph output
+(a gradient that `opt` reads) under its own name, other values (activations that `bckwd` needs)
+under the name `__saved__<node>`, so running `['fwd']` then `['bckwd', 'opt']` computes exactly
+what one full run computes.
+
+Gradient accumulation and data parallel need the gradients between backward and the update: for
+them `grads` (fwd and bckwd as one program) and `update` (gradnorm and opt) are cut the same way.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from sambaflow.trace.printing import node_text
 
 SAVED_PREFIX = "__saved__"
 FULL_STEP = "step"
+#: programs that split the step where the gradients are complete: (name, sections)
+SPLIT_AT_GRADIENTS = (("grads", ("fwd", "bckwd")), ("update", ("gradnorm", "opt")))
 
 
 @dataclass
@@ -48,24 +54,29 @@ def full_step_program(graph: TracedGraph) -> SectionProgram:
 
 def section_programs(graph: TracedGraph) -> dict[str, SectionProgram]:
     """One program per section, in section order."""
+    return {section: _cut(graph, section, (section,)) for section in graph.sections}
+
+
+def split_programs(graph: TracedGraph) -> dict[str, SectionProgram]:
+    """`grads` (forward and backward) and `update` (gradnorm and opt) of a training graph."""
+    return {name: _cut(graph, name, sections) for name, sections in SPLIT_AT_GRADIENTS}
+
+
+def _value_names(graph: TracedGraph) -> dict[fx.Node, str]:
+    """Store names of the values programs pass on: the graph's inputs and outputs by name."""
     placeholders = [n for n in graph.module.graph.nodes if n.op == "placeholder"]
-    input_names = {node: spec.name for node, spec in zip(placeholders, graph.inputs)}
+    names = dict(zip(placeholders, (s.name for s in graph.inputs)))
+    output_node = next(n for n in graph.module.graph.nodes if n.op == "output")
+    for node, spec in zip(output_node.args[0], graph.outputs):
+        names.setdefault(node, spec.name)
+    return names
+
+
+def _cut(graph: TracedGraph, name: str, sections: tuple[str, ...]) -> SectionProgram:
+    value_names = _value_names(graph)
     output_node = next(n for n in graph.module.graph.nodes if n.op == "output")
     graph_outputs = list(zip(output_node.args[0], (s.name for s in graph.outputs)))
-    return {section: _cut(graph, section, input_names, graph_outputs) for section in graph.sections}
-
-
-def _value_name(node: fx.Node, input_names: dict[fx.Node, str]) -> str:
-    return input_names.get(node, SAVED_PREFIX + node.name)
-
-
-def _cut(
-    graph: TracedGraph,
-    section: str,
-    input_names: dict[fx.Node, str],
-    graph_outputs: list[tuple[fx.Node, str]],
-) -> SectionProgram:
-    members = [n for n in graph.module.graph.nodes if n.meta.get("section") == section]
+    members = [n for n in graph.module.graph.nodes if n.meta.get("section") in sections]
     member_set = set(members)
     new_graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -73,19 +84,19 @@ def _cut(
 
     def lookup(node: fx.Node) -> fx.Node:
         if node not in env:
-            inputs.append(_value_name(node, input_names))
+            inputs.append(value_names.get(node, SAVED_PREFIX + node.name))
             env[node] = new_graph.placeholder(_identifier(inputs[-1]))
             env[node].meta = dict(node.meta)
         return env[node]
 
     for node in members:
         env[node] = new_graph.node_copy(node, lookup)
-    outputs = [(node, name) for node, name in graph_outputs if node in member_set]
-    later = _used_later(members, member_set)
+    outputs = [(node, out) for node, out in graph_outputs if node in member_set]
+    later = [node for node in _used_later(members, member_set) if node not in value_names]
     outputs += [(node, SAVED_PREFIX + node.name) for node in later]
     new_graph.output(tuple(env[node] for node, _ in outputs))
     module = fx.GraphModule(graph.module, new_graph)
-    return SectionProgram(section, module, inputs, [name for _, name in outputs])
+    return SectionProgram(name, module, inputs, [out for _, out in outputs])
 
 
 def _used_later(members: list[fx.Node], member_set: set[fx.Node]) -> list[fx.Node]:

@@ -79,7 +79,9 @@ def _check_graph(kind: str, entry: dict[str, Any], members: dict[str, Any], path
                 raise _fail(path, f"{where}.programs.{name}.{field} names '{member}', which is not a member")
     inputs, outputs = [s["name"] for s in entry["inputs"]], [s["name"] for s in entry["outputs"]]
     for name, program in programs.items():
-        _check_names(program["inputs"], inputs, name == "step", f"{where}.programs.{name}.inputs", path)
+        # a section reads graph inputs, and what earlier sections wrote (gradients, saved values)
+        readable = inputs if name == "step" else inputs + outputs
+        _check_names(program["inputs"], readable, name == "step", f"{where}.programs.{name}.inputs", path)
         _check_names(program["outputs"], outputs, name == "step", f"{where}.programs.{name}.outputs", path)
     if not set(entry["loss_names"]) <= set(outputs):
         raise _fail(path, f"{where}.loss_names {entry['loss_names']} are not all outputs of the graph")

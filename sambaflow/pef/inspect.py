@@ -9,12 +9,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from sambaflow.passes.sections import SPLIT_AT_GRADIENTS
 from sambaflow.pef.codec import dtype_from_name
 from sambaflow.pef.file import PefFile
 from sambaflow.pef.sign import KEY_ENV, TRUST_NOTE, key_path, load_key
 from sambaflow.trace.graph import SECTION_ORDER
 
-PROGRAM_ORDER = ["step", *SECTION_ORDER]
+PROGRAM_ORDER = ["step", *SECTION_ORDER, *(name for name, _ in SPLIT_AT_GRADIENTS)]
 
 
 def _bytes(entry: dict[str, Any]) -> int:

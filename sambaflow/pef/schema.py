@@ -10,12 +10,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from sambaflow.errors import SambaPefError
+from sambaflow.passes.sections import SPLIT_AT_GRADIENTS
 from sambaflow.pef.codec import DTYPES
 from sambaflow.trace.graph import SECTION_ORDER
 
 INPUT_ROLES = ("input", "param", "buffer", "state", "hyper", "output_grad")
 OUTPUT_ROLES = ("output", "grad", "input_grad", "param_update", "state_update")
-PROGRAM_NAMES = ("step", *SECTION_ORDER)
+PROGRAM_NAMES = ("step", *SECTION_ORDER, *(name for name, _ in SPLIT_AT_GRADIENTS))
 MAX_LIST = 1_000_000
 
 

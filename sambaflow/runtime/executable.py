@@ -9,14 +9,22 @@ from typing import Callable, Sequence
 import torch
 
 from sambaflow.backends.base import Backend, CompiledProgram, get_backend
+from sambaflow.passes.batch_reduction import batch_reduction
 from sambaflow.passes.inplace import update_inputs_in_place
-from sambaflow.passes.sections import FULL_STEP, SectionProgram, full_step_program, section_programs
+from sambaflow.passes.sections import (
+    FULL_STEP,
+    SectionProgram,
+    full_step_program,
+    section_programs,
+    split_programs,
+)
 from sambaflow.passes.seeds import zero_seeded
-from sambaflow.trace.graph import OUTPUT_GRAD, TracedGraph
+from sambaflow.trace.graph import GRAD, OUTPUT_GRAD, TracedGraph
 
 
-def programs_of(graph: TracedGraph) -> dict[str, SectionProgram]:
-    """The fused step and one program per section (a forward-only graph's step is its fwd).
+def programs_of(graph: TracedGraph, split_at_gradients: bool = False) -> dict[str, SectionProgram]:
+    """The fused step and one program per section (a forward-only graph's step is its fwd); with
+    `split_at_gradients`, also `grads` and `update` (gradient accumulation, data parallel).
 
     Programs that update parameters and optimizer state write them into the stored tensors
     (no new parameter memory per step; also measurably faster with Inductor). The fused step
@@ -26,8 +34,11 @@ def programs_of(graph: TracedGraph) -> dict[str, SectionProgram]:
     if graph.sections == ["fwd"]:
         return {FULL_STEP: step, "fwd": step}
     programs = {FULL_STEP: zero_seeded(step, zero_seeds(graph))} | section_programs(graph)
-    for name in (FULL_STEP, "opt"):
-        programs[name] = update_inputs_in_place(programs[name]).program
+    if split_at_gradients:
+        programs |= split_programs(graph)
+    for name in (FULL_STEP, "opt", "update"):
+        if name in programs:
+            programs[name] = update_inputs_in_place(programs[name]).program
     return programs
 
 
@@ -50,9 +61,9 @@ class Executable:
     compiled: dict[str, CompiledProgram] = field(default_factory=dict)
 
     @staticmethod
-    def build(graph: TracedGraph, backend: str | Backend) -> Executable:
+    def build(graph: TracedGraph, backend: str | Backend, split_at_gradients: bool = False) -> Executable:
         chosen = get_backend(backend) if isinstance(backend, str) else backend
-        return Executable(graph, chosen, programs_of(graph))
+        return Executable(graph, chosen, programs_of(graph, split_at_gradients))
 
     @staticmethod
     def from_binaries(
@@ -84,6 +95,27 @@ class Executable:
         every run, so worked out once: the programs never change)."""
         step = set(self.programs[FULL_STEP].inputs)
         return frozenset(s.name for s in self.graph.inputs_with_role(OUTPUT_GRAD) if s.name in step)
+
+    @functools.cached_property
+    def gradient_split(self) -> tuple[list[str], list[str]]:
+        """The programs that make the gradients, and those that then update the weights: `grads`
+        and `update` where compiled, else the section programs."""
+        if "grads" in self.programs and "update" in self.programs:
+            return ["grads"], ["update"]
+        after = [s for s in self.sections if s in ("gradnorm", "opt")]
+        return [s for s in self.sections if s not in after], after
+
+    @functools.cached_property
+    def gradient_names(self) -> list[str]:
+        """The parameters' gradients, in graph order (what accumulation and all-reduce change)."""
+        return [s.name for s in self.graph.outputs if s.role == GRAD]
+
+    @functools.cached_property
+    def loss_reductions(self) -> dict[str, str | None]:
+        """'mean' or 'sum' for each loss: how it combines over accumulated batches."""
+        output_node = next(n for n in self.graph.module.graph.nodes if n.op == "output")
+        made = dict(zip((s.name for s in self.graph.outputs), output_node.args[0]))
+        return {name: batch_reduction(made[name]) if name in made else None for name in self.graph.loss_names}
 
     def program(self, name: str) -> tuple[SectionProgram, CompiledProgram]:
         if name not in self.compiled:

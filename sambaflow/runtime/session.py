@@ -8,8 +8,8 @@ so an error cannot leave the store half-updated.
 
 from __future__ import annotations
 
-import warnings
-from typing import Any, Mapping, Sequence
+import hashlib
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -17,7 +17,7 @@ from torch import nn
 from sambaflow.errors import SambaRunError
 from sambaflow.optim.base import SambaOptimizer, hyper_name, state_name
 from sambaflow.passes.sections import FULL_STEP, SAVED_PREFIX
-from sambaflow.runtime.current import set_current_session
+from sambaflow.tensors.current import set_current_session
 from sambaflow.runtime.executable import Executable
 from sambaflow.runtime.feeds import check_seed, expand_hyperparams, match_inputs, resolve_sections
 from sambaflow.runtime.index_check import explained_failures
@@ -43,6 +43,7 @@ class Session:
         self.tracing = True
         self.pinned_memory = False
         self.trace_count = 0
+        self._compiler: Callable[..., str] | None = None
         self.reset()
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -55,6 +56,10 @@ class Session:
         self._seed_defaults: dict[str, torch.Tensor] = {}
         self._replaced: dict[tuple[str, ...], list[str]] = {}
         self._saved: set[str] = set()
+        self.grad_accumulation_steps = 1
+        self._accumulated: dict[str, torch.Tensor] = {}  # gradients summed over the runs so far
+        self._accumulated_runs = 0
+        self._replicas_checked = False
 
     def load(
         self,
@@ -62,11 +67,17 @@ class Session:
         model: nn.Module,
         optimizers: Sequence[SambaOptimizer],
         init_output_grads: bool = True,
+        grad_accumulation_steps: int = 1,
     ) -> list[SambaTensor]:
-        """Make `executable` current and move the host model and optimizer state to the device."""
+        """Make `executable` current and move the host model and optimizer state to the device.
+
+        With `grad_accumulation_steps` k > 1, each run of the whole step adds its gradients to the
+        previous runs' and the k-th run updates the weights: k runs equal one step on the k
+        batches together (a loss that averages over the batch is seeded with 1/k)."""
         self.reset()
         self.executable, self.optimizers = executable, list(optimizers)
         self.init_output_grads = init_output_grads
+        self.grad_accumulation_steps = grad_accumulation_steps
         graph = executable.graph
         self.store.update((n, torch.tensor(v, dtype=torch.float64)) for n, v in graph.hyper_defaults.items())
         for spec in graph.inputs_with_role(INPUT):
@@ -87,10 +98,17 @@ class Session:
     def compile(
         self, model: nn.Module, inputs: Sequence[torch.Tensor | None], optimizer: Any = None, **kwargs: Any
     ) -> str:
-        """Trace and compile into a PEF file; return its path (see `sambaflow.app.compile`)."""
-        from sambaflow.app.compile import compile_pef  # the app layer builds on the runtime
+        """Trace and compile into a PEF file; return its path (the app layer's `compile_pef`,
+        which `sambaflow.samba` installs with `set_compiler`: the runtime does not import the app)."""
+        if self._compiler is None:
+            raise SambaRunError(
+                "session.compile: no compiler is installed; import sambaflow.samba (which installs "
+                "sambaflow.app.compile.compile_pef) before calling it"
+            )
+        return self._compiler(model, inputs, optimizer, **kwargs)
 
-        return compile_pef(model, inputs, optimizer, **kwargs)
+    def set_compiler(self, compiler: Callable[..., str]) -> None:
+        self._compiler = compiler
 
     # --- host <-> device ------------------------------------------------------------------------
     def to_rdu(self, model: nn.Module, optimizers: Sequence[SambaOptimizer] | None = None) -> None:
@@ -172,36 +190,85 @@ class Session:
         data_parallel: bool = False,
         reduce_on_rdu: bool = False,
     ) -> list[SambaTensor]:
-        """Run sections (default: all) on named inputs; return the outputs in `forward` order."""
+        """Run sections (default: all) on named inputs; return the outputs in `forward` order.
+
+        With `data_parallel` (or `reduce_on_rdu`) the gradients are averaged over all replicas
+        (`runtime/communicator.py`) once backward made them, before gradnorm and opt."""
         executable = self._require_executable()
         graph = executable.graph
-        if data_parallel or reduce_on_rdu:
-            _warn_once(
-                "data_parallel / reduce_on_rdu: data-parallel runs are not implemented yet; this "
-                "run uses one replica and no gradient all-reduce"
-            )
         sections = resolve_sections(section_types, executable.sections)
         feeds = match_inputs(input_tensors, graph.inputs_with_role(INPUT))
         hyper = expand_hyperparams(
             hyperparam_dict, [s.name for s in graph.inputs_with_role(HYPER)], graph.hyper_defaults
         )
-        fused = sections == executable.sections
+        reduce = (data_parallel or reduce_on_rdu) and "bckwd" in sections
+        accumulate = self.grad_accumulation_steps > 1 and {"bckwd", "opt"} <= set(sections)
+        fused = sections == executable.sections and not (reduce or accumulate)
         if "bckwd" in sections:
             seeds = self._seeds(output_tensors, grad_of_outputs, fused)
             fused = fused and self._fused_step_takes(seeds)
-            feeds |= seeds
+            feeds |= self._scaled_for_accumulation(seeds) if accumulate else seeds
         self._check_saved(sections)
+        if reduce:
+            self._check_replicas()
         self._set_hyperparameters(hyper)
         self.store.update(feeds)
-        programs = [FULL_STEP] if fused else sections
+        programs = self._programs(sections, fused, reduce or accumulate)
         self._release_replaced(programs)
         staged: dict[str, torch.Tensor] = {}
         with explained_failures(graph, feeds):  # names an out-of-range index input, if one failed
             for name in programs:
                 executable.run(name, self.store, staged)
+                if name in ("grads", "bckwd") and not self._gradients_done(staged, reduce, accumulate):
+                    break  # accumulating: the update waits for the k-th run
         self.store.update(staged)
         self._track_saved(sections, staged)
         return self._outputs()
+
+    def _programs(self, sections: list[str], fused: bool, at_gradients: bool) -> list[str]:
+        if fused:
+            return [FULL_STEP]
+        if at_gradients and sections == self.executable.sections:
+            before, after = self.executable.gradient_split
+            return before + after
+        return sections
+
+    def _gradients_done(self, staged: dict[str, torch.Tensor], reduce: bool, accumulate: bool) -> bool:
+        """Add the earlier runs' gradients and average over replicas; False while accumulating."""
+        names = [n for n in self.executable.gradient_names if n in staged]
+        if accumulate:
+            for name, earlier in self._accumulated.items():
+                staged[name] = staged[name].add_(earlier)
+            self._accumulated_runs += 1
+            if self._accumulated_runs < self.grad_accumulation_steps:
+                self._accumulated = {n: staged[n] for n in names}
+                return False
+            self._accumulated, self._accumulated_runs = {}, 0
+        if reduce:
+            from sambaflow.runtime import communicator
+
+            communicator.current().average_([staged[n] for n in names])
+        return True
+
+    def _scaled_for_accumulation(self, seeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Default seeds of losses that average over the batch, divided by k: k accumulated runs
+        then average over the k batches, as one step on them together would."""
+        reductions = self.executable.loss_reductions
+        scaled = dict(seeds)
+        for name, seed in seeds.items():
+            loss = name.removesuffix("__grad")
+            if seed is self._seed_defaults.get(name) and reductions.get(loss) == "mean":
+                scaled[name] = seed / self.grad_accumulation_steps
+        return scaled
+
+    def _check_replicas(self) -> None:
+        """Once per loaded graph: every replica runs the same graph on the same batch shapes."""
+        if self._replicas_checked:
+            return
+        from sambaflow.runtime import communicator
+
+        communicator.current().check_replicas(replica_description(self.executable, self.store))
+        self._replicas_checked = True
 
     def _release_replaced(self, programs: list[str]) -> None:
         """Drop the last step's gradients before these programs write them anew, as eager's
@@ -278,12 +345,13 @@ class Session:
         if sections == executable.sections:
             return
         produced: set[str] = set()
+        graph_inputs = {s.name for s in executable.graph.inputs}
         for section in sections:
             program = executable.programs[section]
             absent = [
                 n
                 for n in program.inputs
-                if n.startswith(SAVED_PREFIX) and n not in produced and n not in self.store
+                if n not in graph_inputs and n not in produced and n not in self.store
             ]
             if absent:
                 raise SambaRunError(
@@ -339,13 +407,18 @@ def _explicit_seeds(
     return seeds
 
 
-_warned: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, stacklevel=3)
+def replica_description(executable: Executable, store: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """What must be the same on every data-parallel replica: the graph, batch shapes, parameters."""
+    graph = executable.graph
+    params = graph.inputs_with_role(PARAM)
+    step_code = executable.programs[FULL_STEP].module.code
+    return {
+        "graph": hashlib.sha256(step_code.encode()).hexdigest()[:16],
+        "programs": sorted(executable.programs),
+        "batch inputs": {s.name: list(s.shape) for s in graph.inputs_with_role(INPUT)},
+        "parameters": len(params),
+        "parameter elements": sum(store[s.name].numel() for s in params if s.name in store),
+    }
 
 
 def _empty(spec: TensorSpec) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """`sambaflow.samba`: SambaFlow's public API (`from sambaflow import samba`)."""
 
+from sambaflow.app.compile import compile_pef
 from sambaflow.runtime.session import session
 from sambaflow.samba import optim, utils  # noqa: E402  (after session: utils uses it)
 from sambaflow.tensors.factories import (
@@ -17,6 +18,8 @@ from sambaflow.tensors.factories import (
 from sambaflow.tensors.model import from_torch_, from_torch_model_
 from sambaflow.tensors.ops import addmm
 from sambaflow.tensors.sambatensor import SambaParameter, SambaTensor
+
+session.set_compiler(compile_pef)  # the public layer wires the app's compiler into the runtime
 
 __all__ = [
     "SambaParameter",

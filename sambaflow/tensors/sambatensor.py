@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from sambaflow.errors import SambaArgumentError
-from sambaflow.runtime.current import current_session
+from sambaflow.tensors.current import current_session
 
 
 class SambaTensor(torch.Tensor):

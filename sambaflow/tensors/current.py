@@ -1,7 +1,7 @@
 """Where the process's current session is registered.
 
-Kept apart from `session.py` so tensors can ask for their device gradient without importing
-the runtime machinery.
+It sits with the tensors, below the runtime: tensors ask it for their device gradient, and the
+runtime's session registers itself here, so no lower stage imports the runtime.
 """
 
 from __future__ import annotations
