@@ -1,7 +1,8 @@
 """The seed document's sample app: ResFFNLogReg trained through a compiled PEF.
 
-    python examples/ffn_app.py compile -b 64 -mb 4 --pef-name ffn       # writes out/ffn/ffn.pef
-    python examples/ffn_app.py run -b 64 -mb 4 -p out/ffn/ffn.pef        # trains from the PEF
+    python examples/ffn_app.py compile -b 64 --pef-name ffn             # writes out/ffn/ffn.pef
+    python examples/ffn_app.py run -b 64 -p out/ffn/ffn.pef              # trains from the PEF
+    python examples/ffn_app.py compile -b 256 -mb 64 --pef-name ffn_mb  # 4 micro-batches per step
     python examples/ffn_app.py test -b 64 -p out/ffn/ffn.pef
     python examples/ffn_app.py measure-performance -b 64 -p out/ffn/ffn.pef -n 100
 

@@ -78,3 +78,19 @@ def _checkpoint_given(args: argparse.Namespace) -> bool:
         for dest, value in vars(args).items()
         if any(word in dest for word in _CHECKPOINT_WORDS) and not dest.startswith("save")
     )
+
+
+def ignored_microbatch(
+    args: argparse.Namespace | None, compile_args: dict[str, Any], path: str
+) -> str | None:
+    """A note when `run -mb` asks for another micro-batch size than the PEF was compiled with:
+    micro-batching is built into the PEF's step."""
+    wanted = getattr(args, "microbatch_size", None) if args is not None else None
+    compiled = compile_args.get("microbatch_size") if isinstance(compile_args, dict) else None
+    if wanted is None or wanted == compiled or getattr(args, "inference", False):
+        return None
+    built = f"-mb {compiled}" if compiled else "no micro-batching"
+    return (
+        f"note: -mb {wanted}: accepted but had no effect ('{path}' was compiled with {built}, which "
+        f"its step runs; recompile with -mb {wanted} to change it)"
+    )

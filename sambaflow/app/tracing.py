@@ -119,6 +119,7 @@ def _say_how_it_runs(pef_file: PefFile | None, requested: Any, chosen: Any) -> N
         notes = [
             run_notes.ignored_backend(requested, pef_backend, pef_file.path),
             run_notes.ignored_threads(manifest.get("pef_metadata", {})),
+            run_notes.ignored_microbatch(parsed_args(), manifest.get("compile_args", {}), pef_file.path),
         ]
     notes.append(run_notes.no_weights_loaded(parsed_args(), pef_file.path if pef_file else None))
     for note in notes:
