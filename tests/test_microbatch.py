@@ -3,16 +3,19 @@ equals the step on the whole batch, against the full-batch step and eager PyTorc
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
-from helpers import named_inputs, rel_err
-from models import LeNet, ResFFNLogReg
 from torch import nn
 
 from sambaflow import samba
 from sambaflow.app.compile import compile_pef
 from sambaflow.errors import SambaTraceError
 from sambaflow.samba import utils
+
+from helpers import named_inputs, rel_err
+from models import LeNet, ResFFNLogReg
 
 BATCH = 16
 
@@ -257,3 +260,46 @@ def test_pef_records_accumulation_and_run_may_override_it(tmp_path):
     joined4 = [[torch.cat([p[i] for p in parts]) for i in range(2)]]
     want4, _ = train(ffn, sgd, joined4)
     assert_close(got4, want4, 1e-5)
+
+
+def test_app_compiles_with_mb_and_accumulation_and_trains_like_eager(tmp_path):
+    """The CLI path: `compile -b 32 -mb 8 --grad-accumulation-steps 2`, then `run -p`: the losses
+    are eager's on the same batches (one update per two batches of 32, each split in four)."""
+    from test_apps_e2e import app, load_example
+
+    from sambaflow.app import datasets
+
+    argv = ["-b", "32", "--backend", "reference"]
+    compiled = app(
+        "ffn_app",
+        "compile",
+        *argv,
+        "-mb",
+        "8",
+        "--grad-accumulation-steps",
+        "2",
+        "--pef-name",
+        "m",
+        cwd=tmp_path,
+    )
+    assert "4 micro-batches of 8 per step" in compiled and "no effect" not in compiled
+    app("ffn_app", "run", *argv, "-p", "out/m/m.pef", "-e", "1", "--log-losses", "l.json", cwd=tmp_path)
+    got = json.loads((tmp_path / "l.json").read_text())
+
+    utils.set_seed(0)  # the app's seed and initial weights
+    model = load_example("ffn_app").ResFFNLogReg(784, 256, 10)
+    optim = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    x_train, y_train, _, _ = datasets.load(None)
+    batches = datasets.batches(
+        x_train.reshape(len(x_train), -1), y_train, 32, True, torch.Generator().manual_seed(0)
+    )
+    want = []
+    for i, (images, labels) in enumerate(batches):
+        loss, _ = model(images, labels)
+        (loss / 2).backward()
+        want.append(float(loss))
+        if i % 2 == 1:
+            optim.step()
+            optim.zero_grad()
+    assert len(got) == len(want)
+    assert max(abs(a - b) / b for a, b in zip(got, want)) < 1e-4
