@@ -6,6 +6,11 @@
     python examples/ffn_app.py test -b 64 -p out/ffn/ffn.pef
     python examples/ffn_app.py measure-performance -b 64 -p out/ffn/ffn.pef -n 100
 
+Data parallel (one PEF, any number of replicas; each takes its own shard and -b 64 of it a step):
+
+    python examples/ffn_app.py compile -b 64 --data-parallel -ws 2 --pef-name ffn_dp
+    torchrun --standalone --nproc_per_node 2 examples/ffn_app.py run -b 64 --data-parallel --reduce-on-rdu -p out/ffn_dp/ffn_dp.pef
+
 With no --data-dir it trains on scikit-learn's digits (resized to 28x28); with --data-dir, on MNIST.
 """
 
@@ -13,7 +18,9 @@ import json
 import sys
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+from torch.utils.data.distributed import DistributedSampler
 
 import sambaflow
 import sambaflow.samba.utils as utils
@@ -89,27 +96,49 @@ def add_run_args(parser) -> None:
     )
 
 
+def is_rank_0() -> bool:
+    """Data-parallel replicas print and write files from rank 0 only."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def epoch_batches(args, x: torch.Tensor, y: torch.Tensor, epoch: int):
+    """This replica's batches for one epoch: with data parallel, a DistributedSampler shard (the
+    same shuffle on every rank, a different part each), else the whole set shuffled."""
+    if not dist.is_initialized():
+        generator = torch.Generator().manual_seed(1000 * args.seed + epoch)
+        return datasets.batches(x, y, args.batch_size, True, generator)
+    sampler = DistributedSampler(range(len(x)), shuffle=True, seed=args.seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    index = torch.tensor(list(sampler))
+    return datasets.batches(x[index], y[index], args.batch_size, False)
+
+
 def train(args, model: nn.Module, optim, first_epoch: int = 0) -> None:
     x_train, y_train, x_test, y_test = datasets.load(args.data_dir)
     x_train, x_test = x_train.reshape(len(x_train), -1), x_test.reshape(len(x_test), -1)
     hyperparam_dict = {"lr": args.lr, "momentum": args.momentum, "weight_decay": args.weight_decay}
-    total_steps = len(x_train) // args.batch_size
+    replicas = dist.get_world_size() if dist.is_initialized() else 1
+    total_steps = len(x_train) // replicas // args.batch_size
     losses: list[float] = []
     for epoch in range(first_epoch, args.num_epochs):
-        generator = torch.Generator().manual_seed(1000 * args.seed + epoch)
-        for i, (images, labels) in enumerate(
-            datasets.batches(x_train, y_train, args.batch_size, True, generator)
-        ):
+        for i, (images, labels) in enumerate(epoch_batches(args, x_train, y_train, epoch)):
             sn_images = samba.from_torch_tensor(images, name="image", batch_dim=0)
             sn_labels = samba.from_torch_tensor(labels, name="label", batch_dim=0)
             loss, outputs = samba.session.run(
                 input_tensors=[sn_images, sn_labels],
                 output_tensors=model.output_tensors,
                 hyperparam_dict=hyperparam_dict,
+                data_parallel=args.data_parallel,
+                reduce_on_rdu=args.reduce_on_rdu,
             )
             losses.append(float(loss))
-        print(f"Epoch [{epoch + 1}/{args.num_epochs}], Step [{i + 1}/{total_steps}], Loss: {losses[-1]:.4f}")
+        if is_rank_0():
+            print(
+                f"Epoch [{epoch + 1}/{args.num_epochs}], Step [{i + 1}/{total_steps}], Loss: {losses[-1]:.4f}"
+            )
     samba.session.to_cpu(model, optim)
+    if not is_rank_0():
+        return
     evaluate(model, x_test, y_test)
     if args.save_checkpoint:
         torch.save(
@@ -145,7 +174,8 @@ def infer(args, model: nn.Module) -> None:
         loss, outputs = samba.session.run(inputs, model.output_tensors, section_types=["fwd"])
         correct += int((outputs.argmax(dim=1) == labels).sum())
         seen += len(labels)
-    print(f"Inference accuracy on {seen} test samples: {100.0 * correct / seen:.2f}")
+    if is_rank_0():
+        print(f"Inference accuracy on {seen} test samples: {100.0 * correct / seen:.2f}")
 
 
 def main(argv: list[str]) -> None:

@@ -3,13 +3,18 @@
 python examples/lenet_app.py compile -b 32 --pef-name lenet
 python examples/lenet_app.py run -b 32 -p out/lenet/lenet.pef
 python examples/lenet_app.py run -b 32 -p out/lenet/lenet.pef --inference   # training PEF, fwd only
+
+Data parallel, two replicas of one PEF under mpirun (torchrun works the same way):
+mpirun -np 2 -x MASTER_ADDR=127.0.0.1 -x MASTER_PORT=29500 python examples/lenet_app.py run -b 32 --data-parallel --reduce-on-rdu -p out/lenet/lenet.pef
 """
 
 import json
 import sys
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+from torch.utils.data.distributed import DistributedSampler
 
 import sambaflow.samba.utils as utils
 from sambaflow import samba
@@ -60,24 +65,49 @@ def add_run_args(parser) -> None:
     parser.add_argument("--log-losses", default=None, help="write every step's loss to this JSON file")
 
 
+def is_rank_0() -> bool:
+    """Data-parallel replicas print and write files from rank 0 only."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def epoch_batches(args, x: torch.Tensor, y: torch.Tensor, epoch: int):
+    """This replica's batches: with data parallel a DistributedSampler shard, else all, shuffled."""
+    if not dist.is_initialized():
+        generator = torch.Generator().manual_seed(1000 * args.seed + epoch)
+        return datasets.batches(x, y, args.batch_size, True, generator)
+    sampler = DistributedSampler(range(len(x)), shuffle=True, seed=args.seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    index = torch.tensor(list(sampler))
+    return datasets.batches(x[index], y[index], args.batch_size, False)
+
+
 def train(args, model: nn.Module) -> None:
     x_train, y_train, x_test, y_test = datasets.load(args.data_dir)
     hyperparam_dict = {"lr": args.lr, "momentum": args.momentum, "weight_decay": args.weight_decay}
-    total_steps = len(x_train) // args.batch_size
+    replicas = dist.get_world_size() if dist.is_initialized() else 1
+    total_steps = len(x_train) // replicas // args.batch_size
     losses = []
     for epoch in range(args.num_epochs):
-        generator = torch.Generator().manual_seed(1000 * args.seed + epoch)
-        for i, (images, labels) in enumerate(
-            datasets.batches(x_train, y_train, args.batch_size, True, generator)
-        ):
+        for i, (images, labels) in enumerate(epoch_batches(args, x_train, y_train, epoch)):
             inputs = [
                 samba.from_torch_tensor(images, name="image", batch_dim=0),
                 samba.from_torch_tensor(labels, name="label", batch_dim=0),
             ]
-            loss, _ = samba.session.run(inputs, model.output_tensors, hyperparam_dict=hyperparam_dict)
+            loss, _ = samba.session.run(
+                inputs,
+                model.output_tensors,
+                hyperparam_dict=hyperparam_dict,
+                data_parallel=args.data_parallel,
+                reduce_on_rdu=args.reduce_on_rdu,
+            )
             losses.append(float(loss))
-        print(f"Epoch [{epoch + 1}/{args.num_epochs}], Step [{i + 1}/{total_steps}], Loss: {losses[-1]:.4f}")
+        if is_rank_0():
+            print(
+                f"Epoch [{epoch + 1}/{args.num_epochs}], Step [{i + 1}/{total_steps}], Loss: {losses[-1]:.4f}"
+            )
     samba.session.to_cpu(model)
+    if not is_rank_0():
+        return
     with torch.no_grad():
         loss, outputs = model(x_test, y_test)
     accuracy = 100.0 * float((outputs.argmax(dim=1) == y_test).float().mean())
@@ -99,7 +129,8 @@ def test_inference(args, model: nn.Module) -> None:
         _, outputs = samba.session.run(inputs, model.output_tensors, section_types=["fwd"])
         correct += int((outputs.argmax(dim=1) == labels).sum())
         seen += len(labels)
-    print(f"Inference accuracy on {seen} test samples: {100.0 * correct / seen:.2f}")
+    if is_rank_0():
+        print(f"Inference accuracy on {seen} test samples: {100.0 * correct / seen:.2f}")
 
 
 def main(argv) -> None:

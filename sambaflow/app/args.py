@@ -74,9 +74,6 @@ INEFFECTIVE_ARGUMENTS: dict[str, tuple[str, Any, str]] = {
         "device resources are not modelled",
     ),
     "mapping": ("--mapping", "section", "only section mapping is implemented"),
-    "reduce_on_rdu": ("--reduce-on-rdu", False, "gradients are all-reduced by torch.distributed"),
-    "data_parallel": ("--data-parallel", False, "data-parallel compilation is not implemented"),
-    "world_size": ("-ws/--world-size", 1, "data-parallel compilation is not implemented"),
 }
 
 
@@ -209,9 +206,27 @@ def _add_compiler_args(p: argparse.ArgumentParser) -> None:
 
 def _add_parallel_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data parallel")
-    _add(g, "--data-parallel", action="store_true", help="data-parallel compile or run")
-    _add(g, "-ws", "--world-size", type=positive_int, default=1, help="data-parallel replicas")
-    _add(g, "--reduce-on-rdu", action="store_true", help="all-reduce gradients on the device")
+    _add(
+        g,
+        "--data-parallel",
+        action="store_true",
+        help="compile: a PEF for data-parallel runs; run: one replica of those torchrun or "
+        "mpirun started, gradients averaged over all of them (torch.distributed)",
+    )
+    _add(
+        g,
+        "-ws",
+        "--world-size",
+        type=positive_int,
+        default=1,
+        help="replicas the PEF is meant for (recorded; one PEF runs on any number)",
+    )
+    _add(
+        g,
+        "--reduce-on-rdu",
+        action="store_true",
+        help="average gradients over the replicas (as --data-parallel; torch.distributed here)",
+    )
     _add(
         g,
         "--local-rank",
@@ -389,6 +404,7 @@ def parse_app_args(
     args.dev_mode = bool(dev_mode)
     set_log_level(args.log_level)
     apply_num_threads(getattr(args, "num_threads", None))
+    join_replicas(args)
     global _last_parsed
     _last_parsed = args
     return args
@@ -404,6 +420,26 @@ def apply_num_threads(count: int | None) -> None:
         import torch
 
         torch.set_num_threads(count)
+
+
+REPLICA_COMMANDS = ("run", *MEASURE)
+
+
+def join_replicas(args: argparse.Namespace) -> None:
+    """`run` / `measure-*` with --data-parallel (or --reduce-on-rdu): join the replicas the
+    launcher started (torchrun, mpirun) now, as SambaFlow's runtime does, so the app's own
+    `dist.is_initialized()` / `dist.get_rank()` (data sharding, printing on rank 0) see them.
+    `args.world_size` becomes the number of replicas, `args.local_rank` mpirun's local rank."""
+    if getattr(args, "command", None) not in REPLICA_COMMANDS:
+        return
+    if not (getattr(args, "data_parallel", False) or getattr(args, "reduce_on_rdu", False)):
+        return
+    from sambaflow.runtime import communicator, launch_env
+
+    comm = communicator.current()
+    args.world_size = comm.world_size
+    if args.local_rank == -1 and comm.world_size > 1:
+        args.local_rank = launch_env.detect().local_rank
 
 
 def parsed_args() -> argparse.Namespace | None:

@@ -135,10 +135,21 @@ def _header(
         },
         "target": {"backend": backend.name, "device": getattr(backend, "device", "cpu")},
         "compile_args": jsonable({k: v for k, v in config.items() if k != "sign_key"}),
-        "pef_metadata": jsonable({"threads": threads_metadata(), **(metadata or {})}),
+        "pef_metadata": jsonable(
+            {"threads": threads_metadata(), **data_parallel_metadata(config), **(metadata or {})}
+        ),
         "inference": inference,
         "init_output_grads": init_output_grads,
         "app_dir": app_dir,
+    }
+
+
+def data_parallel_metadata(config: dict[str, Any]) -> dict[str, Any]:
+    """`--data-parallel -ws N` as recorded: the mode and the world size it was compiled for. One PEF
+    runs on any number of replicas; the number is what `compile` was told, for the record."""
+    return {
+        "data_parallel": bool(config.get("data_parallel")),
+        "world_size": int(config.get("world_size") or 1),
     }
 
 

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from sambaflow.app.compile import compile_pef, jsonable
+from sambaflow.app.compile import compile_pef, data_parallel_metadata, jsonable
 from sambaflow.app.gold import test_against_cpu
 from sambaflow.app.measure import measure_performance, measure_sections
 from sambaflow.app.tracing import progress, trace_graph
@@ -22,6 +22,7 @@ def get_pefmeta(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
         "model": type(model).__name__,
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "command": getattr(args, "command", None),
+        **data_parallel_metadata(vars(args)),
         "args": jsonable(vars(args)),
     }
 
@@ -83,6 +84,9 @@ def common_app_driver(
             n_iterations=args.num_iterations,
             json=args.json,
             min_duration=args.min_duration,
+            data_parallel=getattr(args, "data_parallel", False),
+            reduce_on_rdu=getattr(args, "reduce_on_rdu", False),
+            world_size=getattr(args, "world_size", 1),
         )
     return measure_sections(
         model, inputs, n_iterations=args.num_iterations, batch_size=args.batch_size, json=args.json

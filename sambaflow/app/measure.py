@@ -34,12 +34,13 @@ def _timed_runs(
     sections: list[str] | None,
     n_iterations: int,
     min_duration: float | None,
+    parallel: bool = False,
 ) -> list[float]:
     times: list[float] = []
     started = time.perf_counter()
     while len(times) < n_iterations or (min_duration and time.perf_counter() - started < min_duration):
         begin = time.perf_counter()
-        session.run(inputs, outputs, section_types=sections)
+        session.run(inputs, outputs, section_types=sections, data_parallel=parallel)
         times.append(time.perf_counter() - begin)
     return times
 
@@ -50,6 +51,7 @@ def _loader_runs(
     sections: list[str] | None,
     n_iterations: int,
     min_duration: float | None,
+    parallel: bool = False,
 ) -> list[float]:
     """As `_timed_runs`, but each run's inputs come from a SambaLoader over `inputs` repeated, and
     a step's time runs from the end of the previous step: it includes waiting for the loader."""
@@ -61,7 +63,7 @@ def _loader_runs(
     started = begin = time.perf_counter()
     try:
         for batch in batches:
-            session.run(batch, outputs, section_types=sections)
+            session.run(batch, outputs, section_types=sections, data_parallel=parallel)
             end = time.perf_counter()
             times.append(end - begin)
             begin = end
@@ -99,30 +101,40 @@ def measure_performance(
     outputs = _outputs(model)
     sections = ["fwd"] if inference else None
     threads = torch.get_num_threads()
-    print(f"Measuring performance with world size:  {world_size}")
-    print(f"CPU threads: {threads} (torch.get_num_threads(); set with --num-threads)")
-    print("initial run starts.")
-    session.run(inputs, outputs, section_types=sections)
-    print("initial run completes.")
+    parallel = data_parallel or reduce_on_rdu
+    world_size, first = _replicas(parallel, world_size)
+    say = print if first else _silent
+    say(f"Measuring performance with world size:  {world_size}")
+    say(f"CPU threads: {threads} (torch.get_num_threads(); set with --num-threads)")
+    say("initial run starts.")
+    session.run(inputs, outputs, section_types=sections, data_parallel=parallel)
+    say("initial run completes.")
     before = cpu_seconds()
     if use_sambaloader:
         print("timed runs are fed by a SambaLoader (use_sambaloader=True)")
     runs = _loader_runs if use_sambaloader else _timed_runs
-    times = runs(inputs, outputs, sections, n_iterations, min_duration)
+    times = runs(inputs, outputs, sections, n_iterations, min_duration, parallel)
     others = other_cpu_share(before, cpu_seconds())
     duration = sum(times)
     latency = duration / len(times)
     throughput = len(times) * batch_size * world_size / duration
-    print(
-        f"e2e_throughput: {throughput:.2f} samples/s, measured over {len(times)} iterations. "
-        f"Average latency: {latency:.6f} s."
-    )
-    print(f"e2e_latency: {latency:.6f} s")
-    print(f"total duration: {duration:.4f} s")
+    if parallel:  # SambaFlow's data-parallel form: every replica ran as many steps, in step
+        say(
+            f"e2e_latency: {latency:.6f} seconds, throughput: {throughput:.2f} samples/s, "
+            f"measured over {len(times)} iterations."
+        )
+        say(f"NOTE: This is the combined throughput for {world_size} workers")
+    else:
+        say(
+            f"e2e_throughput: {throughput:.2f} samples/s, measured over {len(times)} iterations. "
+            f"Average latency: {latency:.6f} s."
+        )
+        say(f"e2e_latency: {latency:.6f} s")
+    say(f"total duration: {duration:.4f} s")
     warning = busy_warning(others, threads)
     if warning:
-        print(warning)
-    if json:
+        say(warning)
+    if json and first:
         _write_json(
             json,
             {
@@ -141,6 +153,22 @@ def measure_performance(
             },
         )
     return throughput, latency
+
+
+def _replicas(parallel: bool, world_size: int) -> tuple[int, bool]:
+    """The world size measured over, and whether this process reports: data parallel counts the
+    replicas that joined, and only rank 0 prints and writes the JSON (every replica times the
+    same synchronised steps)."""
+    if not parallel:
+        return world_size, True
+    from sambaflow.runtime import communicator
+
+    comm = communicator.current()
+    return comm.world_size, comm.rank == 0
+
+
+def _silent(*_: Any) -> None:
+    pass
 
 
 def measure_sections(
