@@ -233,7 +233,12 @@ class _PinningStager(_Stager):
     """Pinned host memory (a GPU exists, the session's tensors are on the host)."""
 
     def stage(self, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], Any]:
-        return [t.pin_memory() for t in tensors], None
+        return [_pinned(t) for t in tensors], None
+
+
+def _pinned(tensor: torch.Tensor) -> torch.Tensor:
+    # A data loader may already hand out pinned (pin_memory=True) or GPU tensors: no second copy.
+    return tensor if tensor.is_cuda or tensor.is_pinned() else tensor.pin_memory()
 
 
 class _CudaStager(_Stager):
@@ -247,7 +252,7 @@ class _CudaStager(_Stager):
 
     def stage(self, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], Any]:
         with torch.cuda.stream(self.stream):
-            moved = [t.pin_memory().to(self.device, non_blocking=True) for t in tensors]
+            moved = [_pinned(t).to(self.device, non_blocking=True) for t in tensors]
             done = torch.cuda.Event()
             done.record(self.stream)
         for t in moved:
@@ -274,6 +279,9 @@ def _stager() -> _Stager:
 
 
 def _store_device(session: Any) -> torch.device:
-    """Where the session keeps its tensors (the "device"): that of any stored tensor."""
-    stored = next(iter(getattr(session, "store", {}).values()), None)
-    return stored.device if isinstance(stored, torch.Tensor) else torch.device("cpu")
+    """Where the session keeps its tensors (the "device"): a GPU if any stored tensor is on one
+    (scalars such as hyperparameters may stay on the host)."""
+    for stored in getattr(session, "store", {}).values():
+        if isinstance(stored, torch.Tensor) and stored.is_cuda:
+            return stored.device
+    return torch.device("cpu")
