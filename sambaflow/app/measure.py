@@ -111,7 +111,7 @@ def measure_performance(
     say("initial run completes.")
     before = cpu_seconds()
     if use_sambaloader:
-        print("timed runs are fed by a SambaLoader (use_sambaloader=True)")
+        say("timed runs are fed by a SambaLoader (use_sambaloader=True)")
     runs = _loader_runs if use_sambaloader else _timed_runs
     times = runs(inputs, outputs, sections, n_iterations, min_duration, parallel)
     others = other_cpu_share(before, cpu_seconds())
