@@ -182,6 +182,13 @@ def test_an_early_break_stops_a_producer_blocked_on_a_full_queue():
     assert not producers()
 
 
+def test_an_exception_in_the_loop_body_stops_the_producer():
+    with pytest.raises(KeyError) as caught:
+        for _ in SambaLoader([(torch.ones(2),)] * 100, ["x"], maxsize=1):
+            raise KeyError("the step failed")
+    assert caught.value.__traceback__ is not None and not producers()  # even while the traceback lives
+
+
 def test_an_abandoned_iterator_stops_its_producer_when_collected():
     batches = iter(SambaLoader([(torch.ones(2),)] * 100, ["x"], maxsize=1))
     next(batches)
