@@ -17,10 +17,10 @@ from torch import nn
 from sambaflow.errors import SambaRunError
 from sambaflow.optim.base import SambaOptimizer, hyper_name, state_name
 from sambaflow.passes.sections import FULL_STEP, SAVED_PREFIX
-from sambaflow.tensors.current import set_current_session
 from sambaflow.runtime.executable import Executable
 from sambaflow.runtime.feeds import check_seed, expand_hyperparams, match_inputs, resolve_sections
 from sambaflow.runtime.index_check import explained_failures
+from sambaflow.tensors.current import set_current_session
 from sambaflow.tensors.model import buffer_name
 from sambaflow.tensors.sambatensor import SambaTensor, named_view
 from sambaflow.trace.graph import (
