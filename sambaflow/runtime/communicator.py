@@ -141,11 +141,11 @@ class Communicator:
             "a peer closed its connection (every rank still sends heartbeats)"
         )
         names = ", ".join(str(r) for r in sorted(lost)) or "unknown"
-        cause = f" [{str(error).splitlines()[0][:300]}]" if error is not None else ""
+        cause = f" (torch.distributed: {str(error).splitlines()[0][:300]})" if error is not None else ""
         return (
             f"data-parallel run: lost rank {names} of {self.world_size} during {during}: {who}. "
-            f"This replica (rank {self.rank}) stops too{cause}. Look at the lost rank's output for "
-            "why it ended, then restart every replica (from a checkpoint)"
+            f"This replica (rank {self.rank}) stops too. Look at the lost rank's output for why it "
+            f"ended, then restart every replica (from a checkpoint){cause}"
         )
 
     # --- the store ------------------------------------------------------------------------------

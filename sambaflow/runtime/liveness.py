@@ -15,7 +15,11 @@ import time
 from typing import Any
 
 HEARTBEAT_S = 0.5
-SILENT_AFTER_S = 3.0  # a counter that did not move for this long belongs to a lost replica
+# A counter that did not move for this long belongs to a lost replica: while a collective merely
+# waits (a peer may be slow, its beat thread starved on a busy machine), and once gloo already
+# reported a closed connection (only the name is missing).
+SILENT_AFTER_S = 15.0
+SILENT_AFTER_ERROR_S = 2.0
 
 
 class Liveness:
@@ -61,24 +65,25 @@ class Liveness:
         peers = [r for r in range(self.world_size) if r != self.rank]
         return {r: self._op("get", f"left/{r}").decode() for r in peers if self._op("check", [f"left/{r}"])}
 
-    def silent(self) -> dict[int, str]:
-        """Peers whose heartbeat has not moved for SILENT_AFTER_S (checked on each call)."""
+    def silent(self, after_s: float = SILENT_AFTER_S) -> dict[int, str]:
+        """Peers whose heartbeat has not moved for `after_s` (as seen over the calls so far)."""
         now, lost = time.monotonic(), {}
         for peer in (r for r in range(self.world_size) if r != self.rank):
             count = self._op("add", f"beat/{peer}", 0)
             last, since = self._seen.get(peer, (-1, now))
             if count != last:
                 self._seen[peer] = (count, now)
-            elif now - since >= SILENT_AFTER_S:
+            elif now - since >= after_s:
                 lost[peer] = f"sent no heartbeat for {now - since:.0f} s: killed, or stopped"
         return lost
 
-    def lost(self, patience_s: float = SILENT_AFTER_S + 1.0) -> dict[int, str]:
+    def lost(self, patience_s: float = SILENT_AFTER_ERROR_S + 2.0) -> dict[int, str]:
         """After a failed collective: the peers that left or went silent, waiting up to
         `patience_s` for the evidence. {} when every peer still looks alive."""
         deadline = time.monotonic() + patience_s
+        self._seen.clear()  # silence counts from now: an old sample would make it look longer
         while True:
-            found = self.left() or self.silent()
+            found = self.left() or self.silent(SILENT_AFTER_ERROR_S)
             if found or time.monotonic() >= deadline:
                 return found
             time.sleep(HEARTBEAT_S / 2)
