@@ -224,7 +224,30 @@ def test_gradient_for_a_constant_output_is_refused():
     )
 
 
-def test_data_parallel_request_warns_instead_of_being_dropped(traced):
-    _, x, y, outs = traced
-    with pytest.warns(UserWarning, match="data-parallel runs are not implemented"):
-        samba.session.run([x, y], outs, data_parallel=True)
+def test_data_parallel_without_a_launcher_is_one_replica(monkeypatch):
+    """No torchrun or mpirun variables: a world of one, whose average changes nothing; the run
+    (grads, then update) ends where the fused step does, without a warning."""
+    import warnings
+
+    from sambaflow.runtime import communicator, launch_env
+
+    for rank_var, size_var, _ in launch_env.LAUNCHERS.values():
+        monkeypatch.delenv(rank_var, raising=False)
+        monkeypatch.delenv(size_var, raising=False)
+    communicator.reset()
+    before, after = None, []
+    for parallel in (True, False):
+        torch.manual_seed(0)
+        model = ResFFNLogReg(16, 8, 4)
+        samba.from_torch_model_(model)
+        x, y = samba.randn(4, 16, name="x", batch_dim=0), samba.randint(4, (4,), name="y", batch_dim=0)
+        outs = utils.trace_graph(model, [x, y], samba.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+        before = model.gemm1.weight.detach().clone()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for _ in range(3):
+                samba.session.run([x, y], outs, data_parallel=parallel)
+        after.append(samba.session.get_tensors_by_name(model.gemm1.weight.sn_name)[0])
+    assert communicator.current().world_size == 1
+    assert torch.allclose(after[0], after[1], rtol=1e-5, atol=1e-6)
+    assert (after[0] - before).abs().max() > 1e-3  # it trained
