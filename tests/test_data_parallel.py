@@ -81,14 +81,15 @@ def train(kind: str, rank: int, world: int, batch: int = BATCH, parallel: bool =
 
 
 def worker(mode: str, out: str) -> None:
-    """A replica: 'train' saves both optimizers' results, 'mismatch' traces another batch size on
-    rank 1, 'forever' trains until killed (printing each step)."""
+    """A replica: 'train' (in a process group it makes itself) saves both optimizers' results,
+    'mismatch' traces another batch size on rank 1, 'forever' trains until killed."""
     import torch.distributed as dist
 
     from sambaflow.runtime import communicator
 
     rank, world = int(os.environ["OMPI_COMM_WORLD_RANK"]), int(os.environ["OMPI_COMM_WORLD_SIZE"])
-    if mode == "train":
+    if mode == "train":  # as an app that makes its own group: the communicator must use it
+        dist.init_process_group("gloo", rank=rank, world_size=world)
         results = {kind: train(kind, rank, world, parallel=True) for kind in ("sgd", "adamw")}
         seen = {
             "initialized": dist.is_initialized(),
