@@ -32,6 +32,9 @@ BUCKET_BYTES = 25 * 2**20  # DDP's default bucket size: few, large messages
 WAIT_SLICE = timedelta(seconds=1)  # how often a long wait looks for lost replicas
 # How long a replica waits for a live but stuck peer (SAMBAFLOW_DIST_TIMEOUT); lost ones are found in seconds.
 DEFAULT_TIMEOUT_S = 1800.0
+# How long the replicas wait for each other to join (SAMBAFLOW_DIST_START_TIMEOUT): one that died
+# before joining has no heartbeat to miss.
+DEFAULT_START_TIMEOUT_S = 600.0
 
 
 class Communicator:
@@ -267,27 +270,30 @@ def _init_group(env: launch_env.LaunchEnv) -> None:
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
         backend = "cpu:gloo,cuda:nccl"
     try:
+        start, steady = _timeout("SAMBAFLOW_DIST_START_TIMEOUT", DEFAULT_START_TIMEOUT_S), _timeout()
         dist.init_process_group(
-            backend, init_method="env://", rank=env.rank, world_size=env.world_size, timeout=_timeout()
+            backend, init_method="env://", rank=env.rank, world_size=env.world_size, timeout=start
         )
+        dist.distributed_c10d._set_pg_timeout(steady)  # joined: now the collectives' timeout
     except (RuntimeError, ValueError) as error:
         raise SambaRunError(
             f"could not join the data-parallel group at {env.master_addr}:{env.master_port} as rank "
-            f"{env.rank} of {env.world_size} ({env.launcher}): {str(error).splitlines()[0]}. Start "
-            "every replica with the same MASTER_ADDR, MASTER_PORT and world size"
+            f"{env.rank} of {env.world_size} ({env.launcher}): {str(error).splitlines()[0].rstrip('.')}. Start "
+            "every replica with the same MASTER_ADDR, MASTER_PORT and world size (a replica that "
+            "ended before it joined: see its output)"
         ) from None
 
 
-def _timeout() -> timedelta:
-    text = os.environ.get("SAMBAFLOW_DIST_TIMEOUT", "")
+def _timeout(variable: str = "SAMBAFLOW_DIST_TIMEOUT", default: float = DEFAULT_TIMEOUT_S) -> timedelta:
+    text = os.environ.get(variable, "")
     try:
-        seconds = float(text) if text else DEFAULT_TIMEOUT_S
+        seconds = float(text) if text else default
     except ValueError:
         seconds = -1.0
     if not seconds > SILENT_AFTER_S:
         raise SambaRunError(
-            f"SAMBAFLOW_DIST_TIMEOUT={text!r}: expected seconds (> {SILENT_AFTER_S:.0f}) that a "
-            "replica waits for a live but stuck peer"
+            f"{variable}={text!r}: expected a number of seconds above {SILENT_AFTER_S:.0f} "
+            "(how long a replica waits for its peers)"
         )
     return timedelta(seconds=seconds)
 
