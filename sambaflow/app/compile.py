@@ -20,6 +20,7 @@ from sambaflow.app.progress_line import ProgramProgress
 from sambaflow.app.run_notes import threads_metadata
 from sambaflow.app.tracing import optimizer_list, progress
 from sambaflow.atomic import atomic_write
+from sambaflow.passes.memory import peak_computed_bytes
 from sambaflow.pef.file import CompiledGraph, write_pef
 from sambaflow.pef.sign import key_path, load_key
 from sambaflow.runtime.executable import Executable
@@ -103,6 +104,9 @@ def _compiled(
     log.note(f"tracing the {kind} of {type(model).__name__}")
     graph = trace_microbatched(model, inputs, optimizers, microbatch_size, log.note, loss_indices)
     executable = Executable.build(graph, backend, split_at_gradients=split_at_gradients)
+    if optimizers:
+        peak = peak_computed_bytes(executable.programs["step"].module) / 2**20
+        log.note(f"the step's computed tensors peak at about {peak:.1f} MiB (graph estimate; -mb lowers it)")
     log.note(
         f"compiling {len(executable.programs)} programs ({', '.join(executable.programs)}) "
         f"with the {backend.name} backend"

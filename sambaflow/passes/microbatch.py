@@ -18,6 +18,7 @@ PyTorch's gradient accumulation does.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import fx
@@ -148,10 +149,11 @@ class _Builder:
         nodes = [n for n in self.micro.module.graph.nodes if n.op not in ("placeholder", "output")]
         per_part = [n for n in nodes if n.meta.get("section") in _PER_MICROBATCH]
         returned = _output_nodes(self.micro)
-        parts = [
-            self._copy_part(index, whole, placeholders, per_part, returned) for index in range(self.count)
-        ]
-        whole_outputs = self._join(parts)
+        running: list[Any] = [None] * len(returned)
+        for index in range(self.count):
+            part = self._copy_part(index, whole, placeholders, per_part, returned)
+            running = self._add_part(running, part)  # sums as they come: one partial sum lives
+        whole_outputs = self._finish(running)
         # gradnorm and opt, once, on the whole batch's (summed) gradients
         env = dict(zip(placeholders, (whole[s.name] for s in self.micro.inputs)))
         env |= {node: value for node, value in zip(returned, whole_outputs) if value is not None}
@@ -220,29 +222,37 @@ class _Builder:
         node.meta = {"val": like.meta.get("val"), "section": section}
         return node
 
-    def _join(self, parts: list[list[fx.Node | None]]) -> list[fx.Node | None]:
-        """Whole-batch values of the per-micro-batch outputs (None where opt makes the output)."""
-        joined: list[fx.Node | None] = []
-        for spec, column, whole_node in zip(self.full.outputs, zip(*parts), _output_nodes(self.full)):
-            if column[0] is None:
-                joined.append(None)
-                continue
-            combine = self.combines.get(spec.name, Combine(None, "sum") if spec.role == GRAD else None)
-            if combine is None:  # an output made once (not per micro-batch): the last part's
-                joined.append(column[-1])
-                continue
-            joined.append(self._combined(list(column), combine, whole_node, spec))
-        return joined
+    def _add_part(self, running: list[Any], part: list[fx.Node | None]) -> list[Any]:
+        """Fold one micro-batch's outputs in: concatenated outputs are collected, reduced ones and
+        gradients added to the running sum right away (earlier parts' gradients then die)."""
+        folded: list[Any] = []
+        for spec, total, value, whole_node in zip(self.full.outputs, running, part, _output_nodes(self.full)):
+            combine = self._combine_of(spec)
+            if value is None or combine is None:
+                folded.append(value)  # made by gradnorm/opt (None), or kept from the last part
+            elif combine.dim is not None:
+                folded.append([*(total or []), value])
+            elif total is None:
+                folded.append(value)
+            else:
+                folded.append(self._call(aten.add.Tensor, (total, value), whole_node, _section(spec)))
+        return folded
 
-    def _combined(
-        self, column: list[fx.Node], combine: Combine, whole_node: fx.Node, spec: TensorSpec
-    ) -> fx.Node:
-        section = "bckwd" if spec.role in (GRAD, INPUT_GRAD) else "fwd"
-        if combine.dim is not None:
-            return self._call(aten.cat.default, (column, combine.dim), whole_node, section)
-        total = column[0]
-        for part in column[1:]:
-            total = self._call(aten.add.Tensor, (total, part), whole_node, section)
-        if combine.reduction == "mean":
-            total = self._call(aten.div.Tensor, (total, self.count), whole_node, section)
-        return total
+    def _finish(self, running: list[Any]) -> list[fx.Node | None]:
+        """Whole-batch values of the per-micro-batch outputs (None where opt makes the output)."""
+        finished: list[fx.Node | None] = []
+        for spec, total, whole_node in zip(self.full.outputs, running, _output_nodes(self.full)):
+            combine = self._combine_of(spec)
+            if isinstance(total, list):
+                total = self._call(aten.cat.default, (total, combine.dim), whole_node, _section(spec))
+            elif total is not None and combine is not None and combine.reduction == "mean":
+                total = self._call(aten.div.Tensor, (total, self.count), whole_node, _section(spec))
+            finished.append(total)
+        return finished
+
+    def _combine_of(self, spec: TensorSpec) -> Combine | None:
+        return self.combines.get(spec.name, Combine(None, "sum") if spec.role == GRAD else None)
+
+
+def _section(spec: TensorSpec) -> str:
+    return "bckwd" if spec.role in (GRAD, INPUT_GRAD) else "fwd"
