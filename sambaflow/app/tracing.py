@@ -93,6 +93,10 @@ def trace_graph(
         split = settings["grad_accumulation_steps"] > 1 or settings["data_parallel"]
         executable = Executable.build(traced, chosen, split_at_gradients=bool(split))
     steps = settings["grad_accumulation_steps"] if optimizers else 1
+    if steps > 1:
+        progress(
+            f"gradient accumulation: each run adds its gradients; every {steps}th run updates the weights"
+        )
     outputs = session.load(executable, model, optimizers, init_output_grads, steps)
     model.output_tensors = outputs
     return outputs
