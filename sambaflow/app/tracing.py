@@ -95,7 +95,7 @@ def trace_graph(
     steps = settings["grad_accumulation_steps"] if optimizers else 1
     if steps > 1:
         progress(
-            f"gradient accumulation: each run adds its gradients; every {steps}th run updates the weights"
+            f"gradient accumulation: each run adds its gradients; the weights update once every {steps} runs"
         )
     outputs = session.load(executable, model, optimizers, init_output_grads, steps)
     model.output_tensors = outputs
