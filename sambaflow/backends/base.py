@@ -20,6 +20,25 @@ class Backend(Protocol):
         ...
 
 
+def export_many(
+    backend: Backend, programs: dict[str, SectionProgram], on_program: Callable[[str], None] | None = None
+) -> dict[str, bytes]:
+    """Every program's ahead-of-time binary by name; `on_program(name)` before each, in order.
+
+    A backend with its own `export_many` may compile several at once (inductor); the default
+    exports one after another.
+    """
+    own = getattr(backend, "export_many", None)
+    if own is not None:
+        return own(programs, on_program)
+    binaries = {}
+    for name, program in programs.items():
+        if on_program is not None:
+            on_program(name)
+        binaries[name] = backend.export(program)  # type: ignore[attr-defined]
+    return binaries
+
+
 def get_backend(name: str) -> Backend:
     from sambaflow.backends.inductor import InductorBackend
     from sambaflow.backends.reference import ReferenceBackend

@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from sambaflow.backends.base import Backend, CompiledProgram, get_backend
+from sambaflow.backends.base import Backend, CompiledProgram, export_many, get_backend
 from sambaflow.passes.batch_reduction import batch_reduction
 from sambaflow.passes.inplace import update_inputs_in_place
 from sambaflow.passes.sections import (
@@ -76,14 +76,14 @@ class Executable:
         return Executable(graph, backend, programs, compiled)
 
     def binaries(self, on_program: Callable[[str], None] | None = None) -> dict[str, bytes]:
-        """The backend's ahead-of-time binary of every program (for the PEF)."""
-        by_program: dict[int, bytes] = {}
+        """The backend's ahead-of-time binary of every program (for the PEF); a program that
+        serves under two names (a forward-only graph's step and fwd) is exported once."""
+        first: dict[int, str] = {}
         for name, program in self.programs.items():
-            if id(program) not in by_program:
-                if on_program is not None:
-                    on_program(name)
-                by_program[id(program)] = self.backend.export(program)
-        return {name: by_program[id(program)] for name, program in self.programs.items()}
+            first.setdefault(id(program), name)
+        distinct = {name: self.programs[name] for name in first.values()}
+        exported = export_many(self.backend, distinct, on_program)
+        return {name: exported[first[id(program)]] for name, program in self.programs.items()}
 
     @property
     def sections(self) -> list[str]:

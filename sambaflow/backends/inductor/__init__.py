@@ -35,8 +35,9 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -54,9 +55,11 @@ from sambaflow.backends.inductor.fingerprint import (
 )
 from sambaflow.backends.inductor.loader import load_loader
 from sambaflow.backends.inductor.package import check_package, package_metadata
+from sambaflow.backends.inductor.parallel import CompilePool, Job, RemoteTraceback, compile_jobs
 from sambaflow.backends.inductor.probe import available, target
 from sambaflow.backends.inductor.report import CompileReport
 from sambaflow.backends.inductor.runner import boxed_runner, mutated_inputs
+from sambaflow.backends.inductor.worker import task_for
 from sambaflow.errors import SambaBackendError
 from sambaflow.passes.sections import SectionProgram
 
@@ -82,6 +85,31 @@ __all__ = [
 ]
 
 log = logging.getLogger("sambaflow.compile")
+
+
+@dataclass
+class ExportPlan:
+    """One program's export before compiling: what the cache is keyed on and what it held."""
+
+    program: SectionProgram
+    parts: dict[str, Any]
+    cached_as: dict[str, Any]
+    blob: bytes | None  # the cached package; None: compile it
+    status: str
+    reason: str
+    seconds: float  # spent on the fingerprint and the cache
+
+    @property
+    def key(self) -> str:
+        return digest(self.parts)
+
+    def compile_here(self) -> tuple[bytes, float]:
+        """(package, seconds) compiled in this process."""
+        start = time.perf_counter()
+        blob = compile_package(self.program, self.key, self.parts["target"])
+        return blob, time.perf_counter() - start
+
+
 _load_loader = load_loader  # the name benchmarks/inductor_probe.py uses
 
 
@@ -115,21 +143,54 @@ class InductorBackend:
 
     def export(self, program: SectionProgram) -> bytes:
         """The AOTInductor `.pt2` package for `program`, from the cache when the fingerprint matches."""
+        plan = self._plan(program)
+        return self._finish(plan, *(plan.compile_here() if plan.blob is None else (plan.blob, 0.0)))
+
+    def export_many(
+        self, programs: dict[str, SectionProgram], on_program: Callable[[str], None] | None = None
+    ) -> dict[str, bytes]:
+        """`export` of every program, several compiling at once (parallel.py). `on_program(name)`
+        calls, reports and cache entries come in the programs' order, as from one `export` after
+        another."""
+        notify = on_program or (lambda name: None)
+        packages: dict[str, bytes] = {}
+        if compile_jobs() == 1:  # one after another in this process
+            for name, program in programs.items():
+                notify(name)
+                packages[name] = self.export(program)
+            return packages
+        plans = {name: self._plan(program) for name, program in programs.items()}
+        jobs = [_job(name, plan) for name, plan in plans.items() if plan.blob is None]
+
+        def here(name: str) -> tuple[str, bytes, float]:
+            return ("ok", *plans[name].compile_here())
+
+        # this process compiles too, so one job fewer in workers
+        with CompilePool(jobs, min(compile_jobs(), len(jobs)) - 1, here) as pool:
+            for name, plan in plans.items():
+                notify(name)
+                packages[name] = self._finish(plan, *_awaited(pool, name, plan))
+        return packages
+
+    def _plan(self, program: SectionProgram) -> ExportPlan:
         record_compile(self.name, program.name)
         start = time.perf_counter()
         parts = fingerprint_parts(program)
-        key = digest(parts)
         # The cache also keys on our rewrite/pass sources; the package's own fingerprint does not,
         # so a PEF keeps loading after they change.
         # Inductor also writes the thread count into the C++ it generates (its parallel loops).
         cached_as = {**parts, "compiler": compiler_source_hash(), "threads": torch.get_num_threads()}
         blob, status, reason = self._from_cache(program.name, cached_as)
-        if blob is None:
-            blob = compile_package(program, key, parts["target"])
-            if status == "miss":
-                stored = self.cache.put(digest(cached_as), program.name, cached_as, blob)
-                reason += "; " + (stored or f"stored in {self.cache.root}")
-        self._report(CompileReport(program.name, key, status, reason, time.perf_counter() - start, len(blob)))
+        return ExportPlan(program, parts, cached_as, blob, status, reason, time.perf_counter() - start)
+
+    def _finish(self, plan: ExportPlan, blob: bytes, seconds: float) -> bytes:
+        """Store a compiled package in the cache and report the export."""
+        reason = plan.reason
+        if plan.blob is None and plan.status == "miss":
+            stored = self.cache.put(digest(plan.cached_as), plan.program.name, plan.cached_as, blob)
+            reason += "; " + (stored or f"stored in {self.cache.root}")
+        seconds += plan.seconds
+        self._report(CompileReport(plan.program.name, plan.key, plan.status, reason, seconds, len(blob)))
         return blob
 
     def load(self, program: SectionProgram, blob: bytes) -> CompiledProgram:
@@ -155,3 +216,22 @@ class InductorBackend:
     def _report(self, report: CompileReport) -> None:
         self.reports.append(report)
         log.info(report.as_text())
+
+
+def _job(name: str, plan: ExportPlan) -> Job:
+    try:
+        task = task_for(plan.program, plan.key, plan.parts["target"])
+    except Exception as exc:  # noqa: BLE001 - whatever does not pickle compiles in this process
+        log.info("inductor: '%s' compiles in this process (%s: %s)", name, type(exc).__name__, exc)
+        task = None
+    return Job(name, task, size=len(plan.program.module.graph.nodes))
+
+
+def _awaited(pool: CompilePool, name: str, plan: ExportPlan) -> tuple[bytes, float]:
+    """(package, compile seconds): the cached one, or the pool's; a failed compile raises here."""
+    if plan.blob is not None:
+        return plan.blob, 0.0
+    outcome, value, detail = pool.result(name)
+    if outcome != "ok":
+        raise SambaBackendError(value) from (RemoteTraceback(detail) if detail else None)
+    return value, detail
