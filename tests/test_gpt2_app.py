@@ -14,7 +14,9 @@ from sambaflow.samba import utils
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.slow
 
-BATCH, STEPS = 16, 200
+# Eager training reaches accuracy 1.0 by step 100 (0.49 at step 20), so 100 steps still show the
+# app learning to eager's accuracy; most of this test's time is the inductor compile.
+BATCH, STEPS = 16, 100
 COMMON = ["-b", str(BATCH), "--backend", "inductor"]
 
 

@@ -1,4 +1,9 @@
-"""20 steps through session.run equal 20 eager PyTorch steps (fp32, reference backend)."""
+"""20 steps through session.run equal 20 eager PyTorch steps (fp32, reference and inductor backends).
+
+Each test compiles its own graph, 5-15 s with Inductor on CI's two cores. A test whose subject is
+what the graph or session decides (seeds, traces, optimizer variants whose update is the same
+elementwise code) runs on the reference backend only, where an inductor test of the same code
+exists; the comment at each says which."""
 
 from __future__ import annotations
 
@@ -23,6 +28,10 @@ def backend(request, monkeypatch):
     return request.param
 
 
+# Runs on the reference backend only (overrides the autouse fixture's parameters).
+reference_only = pytest.mark.parametrize("backend", ["reference"], indirect=True)
+
+
 @pytest.fixture
 def tol(backend):
     return current_tolerance()
@@ -36,7 +45,12 @@ def images():
     return [torch.randn(BATCH, 1, 28, 28), torch.randint(10, (BATCH,))]
 
 
-@pytest.mark.parametrize("nesterov", [False, True])
+# Nesterov's update differs from plain momentum by elementwise terms only: compiled once, plain.
+@pytest.mark.parametrize(
+    "backend,nesterov",
+    [("reference", False), ("reference", True), pytest.param("inductor", False, marks=pytest.mark.slow)],
+    indirect=["backend"],
+)
 def test_resffn_sgd_momentum_weight_decay(nesterov):
     train_side_by_side(
         lambda: ResFFNLogReg(784, 64, 10),
@@ -57,6 +71,8 @@ def test_resffn_at_a_large_batch():
     )
 
 
+# compiled SGD with momentum: test_resffn_sgd_momentum_weight_decay[inductor]
+@reference_only
 def test_sgd_with_dampening():
     train_side_by_side(
         lambda: LogReg(64, 10),
@@ -67,6 +83,8 @@ def test_sgd_with_dampening():
     )
 
 
+# a subset of test_resffn_sgd_momentum_weight_decay[inductor]
+@reference_only
 def test_logistic_regression_plain_sgd():
     train_side_by_side(
         lambda: LogReg(784, 10),
@@ -115,6 +133,8 @@ def test_dropout_rate_follows_hyperparam(p):
     assert torch.allclose(kept, (x.torch()[dropped != 0]) / (1 - p), rtol=1e-6)
 
 
+# compiled AdamW: the clipping, amsgrad and two-optimizer tests (and test_gpt2.py)
+@reference_only
 def test_adamw_sambaflow_default_betas():
     train_side_by_side(
         lambda: ResFFNLogReg(64, 32, 10),
@@ -169,6 +189,8 @@ def test_two_optimizers_over_two_parameter_groups():
     train_side_by_side(lambda: ResFFNLogReg(64, 32, 10), mnist_like(64), samba_optims, torch_optims)
 
 
+# traces are backend-independent; run-time hyperparameters compiled: test_dropout_rate_follows_hyperparam
+@reference_only
 def test_lr_schedule_through_hyperparam_dict_traces_once():
     traces_before = samba.session.trace_count
     train_side_by_side(
@@ -251,6 +273,8 @@ def test_sn_grad_seed_set_on_output(tol):
     assert rel_err(x.sn_grad, xr.grad) < tol
 
 
+# seeds are a graph pass; compiled gradients: every inductor training test
+@reference_only
 def test_default_step_gradients_equal_loss_backward(tol):
     """Loss outputs start backward from one, logits from zero: as eager loss.backward()."""
     reference, model = make_pair(lambda: ResFFNLogReg(64, 32, 10))
@@ -264,6 +288,8 @@ def test_default_step_gradients_equal_loss_backward(tol):
         assert rel_err(got.sn_grad, want.grad) < tol
 
 
+# seeds are a graph pass; compiled section programs: test_split_sections_equal_one_full_run
+@reference_only
 def test_full_step_with_a_logits_seed_reaches_backward(tol):
     """The fused step holds non-loss seeds at zero (no logits-sized input); a run that seeds the
     logits runs the section programs instead and gets eager's gradients."""
@@ -295,6 +321,8 @@ class PerSampleLoss(torch.nn.Module):
         return torch.nn.functional.cross_entropy(logits, y, reduction="none"), logits
 
 
+# seeds are a graph pass; compiled per-token loss with a vector seed: tests/test_gpt2_app.py
+@reference_only
 def test_per_sample_loss_seeded_each_step_runs_the_fused_step(tol):
     reference, model = make_pair(PerSampleLoss)
     batch = mnist_like(64)()
@@ -329,6 +357,8 @@ def test_host_model_unchanged_until_to_cpu():
     assert torch.isfinite(loss)
 
 
+# the graph's sections; compiled forward-only graphs: test_gpt2.py, test_apps_e2e.py
+@reference_only
 def test_inference_trace_is_forward_only(tol):
     reference, model = make_pair(lambda: ResFFNLogReg(64, 32, 10))
     batch = mnist_like(64)()
