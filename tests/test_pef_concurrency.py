@@ -1,10 +1,16 @@
-"""Two compiles of one app into one output folder at once: both succeed, the PEF left is whole."""
+"""Two compiles of one app into one output folder at once: both succeed, the PEF left is whole.
+
+Two processes each compile five times in a row (rounds), so their writes of the one PEF and
+compile log overlap again and again without paying an interpreter start per round."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+import time
+import zipfile
 
 import pytest
 import torch
@@ -22,9 +28,12 @@ from sambaflow.samba.utils.argparser import parse_app_args
 from test_pef import build
 
 args = parse_app_args()
-model, inputs, optim = build()
-samba.session.compile(model, inputs, optim, name="ffn", config_dict=vars(args))
+for _ in range({rounds}):
+    samba.session.reset()
+    model, inputs, optim = build()
+    samba.session.compile(model, inputs, optim, name="ffn", config_dict=vars(args))
 """
+ROUNDS = 5
 
 
 @pytest.fixture(scope="module")
@@ -37,26 +46,36 @@ def expected_losses():
 @pytest.mark.slow
 def test_two_compiles_into_one_folder_both_succeed(tmp_path, expected_losses):
     app = tmp_path / "app.py"
-    app.write_text(APP.format(tests=os.path.dirname(__file__)))
+    app.write_text(APP.format(tests=os.path.dirname(__file__), rounds=ROUNDS))
     out = tmp_path / "out"
     command = [sys.executable, str(app), "compile", "--backend", "reference", "--output-folder", str(out)]
     command += ["--pef-name", "ffn"]
     env = dict(os.environ, SAMBAFLOW_BACKEND="reference")
-    for round_ in range(5):
-        runs = [
-            subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env) for _ in "ab"
-        ]
-        outputs = [run.communicate(timeout=120)[0].decode() for run in runs]
-        for run, text in zip(runs, outputs):
-            assert run.returncode == 0, f"round {round_}: a compile failed:\n{text[-2000:]}"
-            assert "wrote " in text
-        assert sorted(os.listdir(out / "ffn")) == ["ffn.compile.log", "ffn.pef"], "temporary files left"
-        assert (out / "ffn" / "ffn.compile.log").read_text().rstrip().splitlines()[-1].startswith("run-time")
-        model, inputs, optim = build()
-        outs = utils.trace_graph(model, inputs, optim, pef=str(out / "ffn" / "ffn.pef"))
-        got = [float(samba.session.run(inputs, outs)[0]) for _ in range(2)]
-        assert got == pytest.approx(expected_losses, rel=1e-6)
-        samba.session.reset()
+    logs = [open(tmp_path / f"{who}.log", "w+") for who in "ab"]  # files: a full pipe would block
+    runs = [subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env) for log in logs]
+    pef, seen = out / "ffn" / "ffn.pef", set()
+    while any(run.poll() is None for run in runs):  # meanwhile, every PEF a reader finds is whole
+        with contextlib.suppress(FileNotFoundError):
+            with zipfile.ZipFile(pef) as archive:
+                assert archive.testzip() is None
+            seen.add(os.stat(pef).st_ino)
+        time.sleep(0.05)
+    outputs = []
+    for run, log in zip(runs, logs):
+        run.wait(timeout=300)
+        log.seek(0)
+        outputs.append(log.read())
+        log.close()
+    assert len(seen) > 1, "the reader saw one PEF only: it did not overlap the writers"
+    for run, text in zip(runs, outputs):
+        assert run.returncode == 0, f"a compile failed:\n{text[-2000:]}"
+        assert text.count("wrote ") == ROUNDS, text[-2000:]
+    assert sorted(os.listdir(out / "ffn")) == ["ffn.compile.log", "ffn.pef"], "temporary files left"
+    assert (out / "ffn" / "ffn.compile.log").read_text().rstrip().splitlines()[-1].startswith("run-time")
+    model, inputs, optim = build()
+    outs = utils.trace_graph(model, inputs, optim, pef=str(pef))
+    got = [float(samba.session.run(inputs, outs)[0]) for _ in range(2)]
+    assert got == pytest.approx(expected_losses, rel=1e-6)
 
 
 def test_failed_write_leaves_neither_file_nor_temporary(tmp_path):
