@@ -17,7 +17,9 @@ metadata: names that could escape the extraction folder, size, graph, CPU), `fol
 folders, 0600 atomic files, who may write a folder), `cache` (the compile cache, each entry checked
 against the SHA-256 its note recorded), `scratch` (this process's private extraction folder),
 `loader` (checked extraction, one AOTInductor loader per package per process), `compiling`
-(AOTInductor and compile_fx), `runner` (calling a loaded program), `report` (what `export` did).
+(AOTInductor and compile_fx), `worker` and `parallel` (`export_many`: several programs compiling
+at once, in worker processes and this one; `SAMBAFLOW_COMPILE_JOBS`), `runner` (calling a loaded
+program), `report` (what `export` did).
 The trust checks live in `package`, `folders`, `cache` and `loader`.
 
 Before compiling, `prepared` applies `rewrites.py`: `add/sub(..., alpha=a)` as `x + y * a` (Inductor
