@@ -1,6 +1,6 @@
 """Several programs compiled at once (backends/inductor/parallel.py): a worker's package is the one
 this process would make, a PEF's programs come out in order with the same cache entries, and a
-failure names its program. Two tiny graphs, compiled in each of two ways (~30 s cold)."""
+failure names its program. Two tiny graphs, compiled in each of two ways (~25 s cold)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from sambaflow.backends.base import export_many
-from sambaflow.backends.inductor import InductorBackend, available, fingerprint, parallel
+from sambaflow.backends.inductor import ExportPlan, InductorBackend, available, fingerprint, parallel
 from sambaflow.backends.inductor.parallel import JOBS_ENV, CompilePool, Job, RemoteTraceback, compile_jobs
 from sambaflow.backends.inductor.probe import target
 from sambaflow.backends.inductor.worker import run_task, task_for
@@ -81,42 +81,59 @@ def sequential(tmp_path_factory) -> tuple[InductorBackend, dict[str, bytes]]:
         return backend, export_many(backend, programs())
 
 
-@inductor
-@pytest.mark.slow
-def test_a_worker_compiles_what_this_process_would(sequential):
-    here = sequential[1]
-    jobs = [Job(n, task_for(p, fingerprint(p), target("cpu")), 1) for n, p in programs().items()]
-    with worker_pool(jobs) as pool:
-        outcomes = {name: pool.result(name) for name in here}
-    assert [o[0] for o in outcomes.values()] == ["ok", "ok"] and all(o[2] > 0 for o in outcomes.values())
-    for name, blob in here.items():
-        assert sources(outcomes[name][1]) == sources(blob), name
-    assert len(sources(here["affine"])) == 3  # wrapper, kernels, metadata
-    x, w = torch.randn(8, 4), torch.randn(4, 6)
-    (y,) = InductorBackend(use_cache=False).load(programs()["affine"], outcomes["affine"][1])([x, w])
-    torch.testing.assert_close(y, torch.relu(x @ w * 3.0 - 1.0))
+def here_only_after_the_worker_took_a_program(monkeypatch) -> list[str]:
+    """Make this process start its compile only once the worker has taken the other program, so
+    each compiles one (otherwise who compiles what depends on timing); returns what it compiled."""
+    pools, here = [], []
+    enter, compile_here = CompilePool.__enter__, ExportPlan.compile_here
+
+    def entered(pool):
+        pools.append(pool)
+        return enter(pool)
+
+    def waiting(plan):
+        deadline = time.monotonic() + 120
+        while not all(job.taken for job in pools[-1].jobs) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        here.append(plan.program.name)
+        return compile_here(plan)
+
+    monkeypatch.setattr(CompilePool, "__enter__", entered)
+    monkeypatch.setattr(ExportPlan, "compile_here", waiting)
+    return here
 
 
 @inductor
 @pytest.mark.slow
 def test_parallel_export_gives_the_sequential_packages_reports_and_cache(sequential, tmp_path, monkeypatch):
     monkeypatch.setenv(JOBS_ENV, "2")
+    here = here_only_after_the_worker_took_a_program(monkeypatch)
     backend = InductorBackend(cache_dir=tmp_path / "inductor")
     started = []
     packages = export_many(backend, programs(), started.append)
+    assert len(here) == 1 and here[0] in packages  # the other one the worker compiled
     first, first_packages = sequential
     assert started == ["affine", "reduce"] and list(packages) == started
     assert [(r.program, r.cache, r.fingerprint) for r in backend.reports] == [
         (r.program, r.cache, r.fingerprint) for r in first.reports
     ]
+    assert all(r.seconds > 0 for r in backend.reports)
     for name in packages:
         assert sources(packages[name]) == sources(first_packages[name]), name
+    assert len(sources(packages["affine"])) == 3  # wrapper, kernels, metadata
     entries = {e.key: e.note["parts"] for e in backend.cache.entries()}
     assert entries == {e.key: e.note["parts"] for e in first.cache.entries()} and len(entries) == 2
     assert all(backend.cache.problem(e) is None for e in backend.cache.entries())
     again = InductorBackend(cache_dir=tmp_path / "inductor")
     assert export_many(again, programs()) == packages  # all cache hits: nothing to compile
     assert [r.cache for r in again.reports] == ["hit", "hit"]
+
+    x, w = torch.randn(8, 5), torch.randn(4, 6)
+    s, m = backend.load(programs()["reduce"], packages["reduce"])([x])
+    torch.testing.assert_close(s, torch.sigmoid(x).sum(0))
+    torch.testing.assert_close(m, x.exp().amax(1))
+    (y,) = backend.load(programs()["affine"], packages["affine"])([x[:, :4], w])
+    torch.testing.assert_close(y, torch.relu(x[:, :4] @ w * 3.0 - 1.0))
 
 
 @inductor
