@@ -6,11 +6,12 @@
 The model is a deep MLP whose activations dominate memory (ResFFNLogReg's layers, repeated):
 batch B x width W floats per saved activation. For each m a PEF is compiled with -mb m in its own
 process; then a fresh process loads it (trace_graph with pef=) and runs a few warm-up steps before
-timing. Peak memory is that process's peak resident set (ru_maxrss) minus its resident set just
-before the first step: what the steps add (activations, gradients, workspace) on top of the
-loaded weights and optimizer state. "graph" is the compile log's estimate of the step's computed
-tensors at their peak (`passes/memory.py`, program order). Step time is the median of the timed steps. Each variant runs
-in its own process, so its peak is its own; times from separate processes are rougher than the
+timing. "added peak" is that process's peak resident set while the timed steps run (VmHWM, reset
+after the warm-up) minus its resident set before them: what a step adds (activations, gradients,
+workspace) on top of the weights and optimizer state. The child runs with glibc's mmap threshold
+fixed at 64 KiB, so freed activations leave the resident set. "graph" is the compile log's
+estimate of the step's computed tensors at their peak (`passes/memory.py`, program order). Step
+time is the median of the timed steps; times from separate processes are rougher than the
 interleaved ratios of the other benchmarks.
 """
 
@@ -20,7 +21,6 @@ import argparse
 import json
 import os
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -71,14 +71,16 @@ def child_measure(args: argparse.Namespace) -> None:
 
     model, optim, inputs = _setup(args)
     outs = utils.trace_graph(model, inputs, optim, pef=args.pef)
-    before = _rss_kib()
+    for _ in range(args.warmup):  # loads the compiled code, makes OpenMP's threads, sizes workspaces
+        samba.session.run(inputs, outs)
+    _reset_peak()
+    before = _status_kib("VmRSS")
     times = []
-    for step in range(args.warmup + args.steps):
+    for _ in range(args.steps):
         begin = time.perf_counter()
         samba.session.run(inputs, outs)
-        if step >= args.warmup:
-            times.append(time.perf_counter() - begin)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        times.append(time.perf_counter() - begin)
+    peak = _status_kib("VmHWM")
     print(
         json.dumps(
             {"added_peak_mib": (peak - before) / 1024, "median_step_ms": statistics.median(times) * 1e3}
@@ -86,16 +88,25 @@ def child_measure(args: argparse.Namespace) -> None:
     )
 
 
-def _rss_kib() -> int:
+def _reset_peak() -> None:
+    """Linux: restart the process's peak resident set (VmHWM) from its current size."""
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+
+
+def _status_kib(field: str) -> int:
     with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+        return next(int(line.split()[1]) for line in status if line.startswith(f"{field}:"))
 
 
 def _child(mode: str, args: argparse.Namespace, mb: int, pef: str) -> str:
     argv = [sys.executable, __file__, "--child", mode, "--mb", str(mb), "--pef", pef]
     for name in ("batch", "width", "depth", "features", "steps", "warmup", "backend"):
         argv += [f"--{name}", str(getattr(args, name))]
-    done = subprocess.run(argv, capture_output=True, text=True, env=os.environ)
+    # Blocks of 64 KiB and more come from mmap and go back to the OS when freed (glibc's default
+    # threshold grows, and freed activations would then stay resident): RSS follows live memory.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    done = subprocess.run(argv, capture_output=True, text=True, env=env)
     if done.returncode:
         sys.exit(f"{mode} with -mb {mb} failed:\n{done.stderr[-3000:]}")
     return done.stdout

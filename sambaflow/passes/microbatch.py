@@ -180,6 +180,7 @@ class _Builder:
         }
         for node in per_part:
             env[node] = self.graph.node_copy(node, env.__getitem__)
+            env[node].meta["microbatch"] = index  # backends keep the parts in order (peak memory)
         return [env.get(node) for node in returned]
 
     def _placeholders(self) -> dict[str, fx.Node]:
