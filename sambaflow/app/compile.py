@@ -18,7 +18,7 @@ from sambaflow.app.backend_choice import choose_backend
 from sambaflow.app.microbatching import trace_microbatched
 from sambaflow.app.progress_line import ProgramProgress
 from sambaflow.app.run_notes import threads_metadata
-from sambaflow.app.tracing import optimizer_list, progress
+from sambaflow.app.tracing import optimizer_list, progress, splits_at_gradients
 from sambaflow.atomic import atomic_write
 from sambaflow.passes.memory import peak_computed_bytes
 from sambaflow.pef.file import CompiledGraph, write_pef
@@ -66,9 +66,7 @@ def compile_pef(
     graphs = {}
     optimizers = [] if inference else optimizer_list(optim)
     if optimizers:
-        # accumulation and data parallel run the step as `grads` then `update`: compile those too
-        split = (config.get("grad_accumulation_steps") or 1) > 1 or bool(config.get("data_parallel"))
-        microbatch = config.get("microbatch_size")
+        microbatch, split = config.get("microbatch_size"), splits_at_gradients(config)
         graphs["train"] = _compiled(model, inputs, optimizers, loss_indices, chosen, log, microbatch, split)
     graphs["inference"] = _compiled(model, inputs, [], loss_indices, chosen, log)
     header = _header(name, chosen, config, pef_metadata, inference, init_output_grads, app_dir)

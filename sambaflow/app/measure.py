@@ -38,11 +38,18 @@ def _timed_runs(
 ) -> list[float]:
     times: list[float] = []
     started = time.perf_counter()
-    while len(times) < n_iterations or (min_duration and time.perf_counter() - started < min_duration):
+    while not _enough(times, started, time.perf_counter(), n_iterations, min_duration):
         begin = time.perf_counter()
         session.run(inputs, outputs, section_types=sections, data_parallel=parallel)
         times.append(time.perf_counter() - begin)
     return times
+
+
+def _enough(
+    times: list[float], started: float, now: float, n_iterations: int, min_duration: float | None
+) -> bool:
+    """The timed runs stop after `n_iterations` steps, and not before `min_duration` seconds."""
+    return len(times) >= n_iterations and not (min_duration and now - started < min_duration)
 
 
 def _loader_runs(
@@ -67,7 +74,7 @@ def _loader_runs(
             end = time.perf_counter()
             times.append(end - begin)
             begin = end
-            if len(times) >= n_iterations and not (min_duration and end - started < min_duration):
+            if _enough(times, started, end, n_iterations, min_duration):
                 break
     finally:
         batches.close()  # type: ignore[attr-defined]  # stops the loader's thread now

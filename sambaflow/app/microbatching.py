@@ -10,7 +10,7 @@ from torch import nn
 
 from sambaflow.errors import SambaTraceError
 from sambaflow.optim.base import SambaOptimizer
-from sambaflow.passes.microbatch import microbatched, split_inputs
+from sambaflow.passes.microbatch import check_microbatch_size, microbatched
 from sambaflow.tensors.sambatensor import SambaTensor
 from sambaflow.trace.graph import INPUT, TracedGraph
 from sambaflow.trace.tracer import trace_step
@@ -32,7 +32,7 @@ def trace_microbatched(
     if not microbatch_size or not optimizers:
         return full
     batch = _batch_size(full)
-    split_inputs(full.inputs, batch, microbatch_size)
+    check_microbatch_size(full.inputs, batch, microbatch_size)
     if microbatch_size == batch:
         note(f"micro-batch size {microbatch_size} is the whole batch: the step is not split")
         return full

@@ -90,8 +90,7 @@ def trace_graph(
     if pef_file is not None:
         executable = _from_pef(pef_file, traced, bool(optimizers))
     else:
-        split = settings["grad_accumulation_steps"] > 1 or settings["data_parallel"]
-        executable = Executable.build(traced, chosen, split_at_gradients=bool(split))
+        executable = Executable.build(traced, chosen, split_at_gradients=splits_at_gradients(settings))
     steps = settings["grad_accumulation_steps"] if optimizers else 1
     if steps > 1:
         progress(
@@ -100,6 +99,12 @@ def trace_graph(
     outputs = session.load(executable, model, optimizers, init_output_grads, steps)
     model.output_tensors = outputs
     return outputs
+
+
+def splits_at_gradients(settings: dict[str, Any]) -> bool:
+    """Whether the step also needs its `grads` and `update` programs: gradient accumulation and
+    data parallel act between them (`settings`: parsed arguments or `_step_settings`)."""
+    return (settings.get("grad_accumulation_steps") or 1) > 1 or bool(settings.get("data_parallel"))
 
 
 def _step_settings(pef_file: PefFile | None, accumulation: int | None) -> dict[str, Any]:

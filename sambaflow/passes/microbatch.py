@@ -40,7 +40,7 @@ class Combine:
     reduction: str = "sum"
 
 
-def split_inputs(inputs: list[TensorSpec], batch: int, size: int) -> None:
+def check_microbatch_size(inputs: list[TensorSpec], batch: int, size: int) -> None:
     """Raise a clear error unless `size` divides the batch; name both numbers."""
     if size <= 0 or batch % size:
         raise SambaTraceError(
@@ -92,19 +92,19 @@ def _check_same_names(full: TracedGraph, micro: TracedGraph) -> None:
 
 def _combines(full: TracedGraph, micro: TracedGraph, count: int) -> tuple[dict[str, Combine], list[str]]:
     """How each model output and input gradient is made whole, from the two traces' shapes."""
-    returned = dict(zip((s.name for s in micro.outputs), _output_nodes(micro)))
+    returned = dict(zip((s.name for s in micro.outputs), micro.returned_nodes()))
     combines, notes = {}, []
     for whole, part in zip(full.outputs, micro.outputs):
         if whole.role not in (OUTPUT, INPUT_GRAD):
             continue
         if whole.shape == part.shape:
-            reduction = batch_reduction(returned[whole.name]) or "mean"
-            if batch_reduction(returned[whole.name]) is None:
+            reduction = batch_reduction(returned[whole.name])
+            if reduction is None:
                 notes.append(
                     f"micro-batching: output '{whole.name}' has no batch dimension and its reduction "
                     "over the batch is not recognised: micro-batch values are averaged"
                 )
-            combines[whole.name] = Combine(None, reduction)
+            combines[whole.name] = Combine(None, reduction or "mean")
             continue
         dim = _batch_dim(whole, part, count)
         combines[whole.name] = Combine(dim)
@@ -129,10 +129,6 @@ def _batch_dim(whole: TensorSpec, part: TensorSpec, count: int) -> int:
     )
 
 
-def _output_nodes(traced: TracedGraph) -> list[fx.Node]:
-    return list(next(n for n in traced.module.graph.nodes if n.op == "output").args[0])
-
-
 class _Builder:
     """Copies the micro-batch step `count` times into a graph over the whole-batch inputs."""
 
@@ -148,7 +144,7 @@ class _Builder:
         placeholders = [n for n in self.micro.module.graph.nodes if n.op == "placeholder"]
         nodes = [n for n in self.micro.module.graph.nodes if n.op not in ("placeholder", "output")]
         per_part = [n for n in nodes if n.meta.get("section") in _PER_MICROBATCH]
-        returned = _output_nodes(self.micro)
+        returned = self.micro.returned_nodes()
         running: list[Any] = [None] * len(returned)
         for index in range(self.count):
             part = self._copy_part(index, whole, placeholders, per_part, returned)
@@ -227,7 +223,9 @@ class _Builder:
         """Fold one micro-batch's outputs in: concatenated outputs are collected, reduced ones and
         gradients added to the running sum right away (earlier parts' gradients then die)."""
         folded: list[Any] = []
-        for spec, total, value, whole_node in zip(self.full.outputs, running, part, _output_nodes(self.full)):
+        for spec, total, value, whole_node in zip(
+            self.full.outputs, running, part, self.full.returned_nodes()
+        ):
             combine = self._combine_of(spec)
             if value is None or combine is None:
                 folded.append(value)  # made by gradnorm/opt (None), or kept from the last part
@@ -242,7 +240,7 @@ class _Builder:
     def _finish(self, running: list[Any]) -> list[fx.Node | None]:
         """Whole-batch values of the per-micro-batch outputs (None where opt makes the output)."""
         finished: list[fx.Node | None] = []
-        for spec, total, whole_node in zip(self.full.outputs, running, _output_nodes(self.full)):
+        for spec, total, whole_node in zip(self.full.outputs, running, self.full.returned_nodes()):
             combine = self._combine_of(spec)
             if isinstance(total, list):
                 total = self._call(aten.cat.default, (total, combine.dim), whole_node, _section(spec))

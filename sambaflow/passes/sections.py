@@ -54,28 +54,37 @@ def full_step_program(graph: TracedGraph) -> SectionProgram:
 
 def section_programs(graph: TracedGraph) -> dict[str, SectionProgram]:
     """One program per section, in section order."""
-    return {section: _cut(graph, section, (section,)) for section in graph.sections}
+    return _cuts(graph, [(section, (section,)) for section in graph.sections])
 
 
 def split_programs(graph: TracedGraph) -> dict[str, SectionProgram]:
     """`grads` (forward and backward) and `update` (gradnorm and opt) of a training graph."""
-    return {name: _cut(graph, name, sections) for name, sections in SPLIT_AT_GRADIENTS}
+    return _cuts(graph, list(SPLIT_AT_GRADIENTS))
 
 
-def _value_names(graph: TracedGraph) -> dict[fx.Node, str]:
+def _cuts(graph: TracedGraph, cuts: list[tuple[str, tuple[str, ...]]]) -> dict[str, SectionProgram]:
+    """A program per (name, sections): the nodes of those sections, over named store values."""
+    graph_outputs = list(zip(graph.returned_nodes(), (s.name for s in graph.outputs)))
+    value_names = _value_names(graph, graph_outputs)
+    return {name: _cut(graph, name, sections, value_names, graph_outputs) for name, sections in cuts}
+
+
+def _value_names(graph: TracedGraph, graph_outputs: list[tuple[fx.Node, str]]) -> dict[fx.Node, str]:
     """Store names of the values programs pass on: the graph's inputs and outputs by name."""
     placeholders = [n for n in graph.module.graph.nodes if n.op == "placeholder"]
     names = dict(zip(placeholders, (s.name for s in graph.inputs)))
-    output_node = next(n for n in graph.module.graph.nodes if n.op == "output")
-    for node, spec in zip(output_node.args[0], graph.outputs):
-        names.setdefault(node, spec.name)
+    for node, name in graph_outputs:
+        names.setdefault(node, name)
     return names
 
 
-def _cut(graph: TracedGraph, name: str, sections: tuple[str, ...]) -> SectionProgram:
-    value_names = _value_names(graph)
-    output_node = next(n for n in graph.module.graph.nodes if n.op == "output")
-    graph_outputs = list(zip(output_node.args[0], (s.name for s in graph.outputs)))
+def _cut(
+    graph: TracedGraph,
+    name: str,
+    sections: tuple[str, ...],
+    value_names: dict[fx.Node, str],
+    graph_outputs: list[tuple[fx.Node, str]],
+) -> SectionProgram:
     members = [n for n in graph.module.graph.nodes if n.meta.get("section") in sections]
     member_set = set(members)
     new_graph = fx.Graph()

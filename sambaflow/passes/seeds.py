@@ -5,9 +5,10 @@ that output's gradient. In the usual step only the losses are seeded (with one);
 is zero. Fed as an input, that zero is a real tensor the size of the logits (103 MB for GPT-2 with
 a 50257-token vocabulary and 512 tokens), held in the store and read and added every step. This
 pass makes chosen seeds (`runtime.executable.zero_seeds`: all but the losses') constant zeros
-inside the program, so `add(seed, g)` becomes `g` and the seed is no longer an input. A run that gives a non-zero seed for such an output (`grad_of_outputs`,
-`out.sn_grad`) then runs the section programs, which keep every seed as an input. A micro-batched
-step's slices of such a seed are zero too.
+inside the program, so `add(seed, g)` becomes `g` and the seed is no longer an input. A run that
+gives a non-zero seed for such an output (`grad_of_outputs`, `out.sn_grad`) then runs the section
+programs, which keep every seed as an input. A micro-batched step's slices of such a seed are zero
+too.
 """
 
 from __future__ import annotations

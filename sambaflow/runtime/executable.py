@@ -113,8 +113,7 @@ class Executable:
     @functools.cached_property
     def loss_reductions(self) -> dict[str, str | None]:
         """'mean' or 'sum' for each loss: how it combines over accumulated batches."""
-        output_node = next(n for n in self.graph.module.graph.nodes if n.op == "output")
-        made = dict(zip((s.name for s in self.graph.outputs), output_node.args[0]))
+        made = dict(zip((s.name for s in self.graph.outputs), self.graph.returned_nodes()))
         return {name: batch_reduction(made[name]) if name in made else None for name in self.graph.loss_names}
 
     def program(self, name: str) -> tuple[SectionProgram, CompiledProgram]:

@@ -245,9 +245,7 @@ class Session:
                 return False
             self._accumulated, self._accumulated_runs = {}, 0
         if reduce:
-            from sambaflow.runtime import communicator
-
-            communicator.current().average_([staged[n] for n in names])
+            _communicator().average_([staged[n] for n in names])
         return True
 
     def _scaled_for_accumulation(self, seeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -265,9 +263,7 @@ class Session:
         """Once per loaded graph: every replica runs the same graph on the same batch shapes."""
         if self._replicas_checked:
             return
-        from sambaflow.runtime import communicator
-
-        communicator.current().check_replicas(replica_description(self.executable, self.store))
+        _communicator().check_replicas(replica_description(self.executable, self.store))
         self._replicas_checked = True
 
     def _release_replaced(self, programs: list[str]) -> None:
@@ -405,6 +401,14 @@ def _explicit_seeds(
             )
         seeds |= {name: g for name, g in zip(names, grads) if g is not None}
     return seeds
+
+
+def _communicator() -> Any:
+    """The process's data-parallel communicator; imported on first use, so that runs that are not
+    data-parallel never import torch.distributed."""
+    from sambaflow.runtime import communicator
+
+    return communicator.current()
 
 
 def replica_description(executable: Executable, store: Mapping[str, torch.Tensor]) -> dict[str, Any]:

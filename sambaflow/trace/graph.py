@@ -68,6 +68,10 @@ class TracedGraph:
             self._by_role[("__outputs__",)] = [spec for spec in self.outputs if spec.role == OUTPUT]
         return self._by_role[("__outputs__",)]
 
+    def returned_nodes(self) -> list[fx.Node]:
+        """The nodes `module` returns, in `outputs` order."""
+        return list(next(n for n in self.module.graph.nodes if n.op == "output").args[0])
+
     def inputs_with_role(self, *roles: str) -> list[TensorSpec]:
         # The run loop asks for these every step; the graph never changes once traced.
         if roles not in self._by_role:

@@ -43,8 +43,7 @@ def graph_text(graph: TracedGraph) -> str:
             current = section
         lines.append("  " + node_text(node, names))
     lines.append("outputs:")
-    output_node = next(n for n in graph.module.graph.nodes if n.op == "output")
-    for spec, value in zip(graph.outputs, output_node.args[0]):
+    for spec, value in zip(graph.outputs, graph.returned_nodes()):
         lines.append(f"  {spec.describe():60s} {spec.role} <- {names.get(value, value.name)}")
     if graph.baked:
         lines.append("baked in at trace time: " + "; ".join(graph.baked))
