@@ -13,6 +13,7 @@ from torch import nn
 
 from sambaflow.app.cpu_load import busy_warning, cpu_seconds, other_cpu_share
 from sambaflow.app.tracing import progress
+from sambaflow.backends.inductor import pool as memory_pool
 from sambaflow.data.loader import SambaLoader
 from sambaflow.errors import SambaArgumentError, SambaRunError
 from sambaflow.runtime.session import session
@@ -116,6 +117,8 @@ def measure_performance(
     say("initial run starts.")
     session.run(inputs, outputs, section_types=sections, data_parallel=parallel)
     say("initial run completes.")
+    if memory_pool.stats() is not None:  # the run loaded a compiled CPU program
+        say(memory_pool.status())
     before = cpu_seconds()
     if use_sambaloader:
         say("timed runs are fed by a SambaLoader (use_sambaloader=True)")

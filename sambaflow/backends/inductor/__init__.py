@@ -19,7 +19,8 @@ against the SHA-256 its note recorded), `scratch` (this process's private extrac
 `loader` (checked extraction, one AOTInductor loader per package per process), `compiling`
 (AOTInductor and compile_fx), `worker` and `parallel` (`export_many`: several programs compiling
 at once, in worker processes and this one; `SAMBAFLOW_COMPILE_JOBS`), `runner` (calling a loaded
-program), `report` (what `export` did).
+program), `pool` (the memory pool CPU programs run in: big buffers keep their pages between runs;
+`SAMBAFLOW_MEMORY_POOL_MB`), `report` (what `export` did).
 The trust checks live in `package`, `folders`, `cache` and `loader`.
 
 Before compiling, `prepared` applies `rewrites.py`: `add/sub(..., alpha=a)` as `x + y * a` (Inductor
@@ -45,6 +46,7 @@ import torch
 
 from sambaflow.backends.base import CompiledProgram
 from sambaflow.backends.counters import record_compile
+from sambaflow.backends.inductor import pool
 from sambaflow.backends.inductor.cache import CACHE_ENV, PackageCache, default_cache_dir
 from sambaflow.backends.inductor.compiling import compile_jit, compile_package, passes, prepared
 from sambaflow.backends.inductor.fingerprint import (
@@ -140,7 +142,7 @@ class InductorBackend:
     def compile(self, program: SectionProgram) -> CompiledProgram:
         if self.mode == "jit":
             record_compile(self.name, program.name)
-            return compile_jit(program)
+            return pool.wrap(compile_jit(program), input_values(program))
         return self.load(program, self.export(program))
 
     def export(self, program: SectionProgram) -> bytes:
@@ -202,7 +204,8 @@ class InductorBackend:
         """
         check_package(program, blob)
         loader = load_loader(blob)
-        return boxed_runner(loader.boxed_run, input_values(program), mutated_inputs(program))
+        values = input_values(program)
+        return pool.wrap(boxed_runner(loader.boxed_run, values, mutated_inputs(program)), values)
 
     def _from_cache(self, name: str, cached_as: dict[str, Any]) -> tuple[bytes | None, str, str]:
         """(package or None, "hit" / "miss" / "off", why)."""
