@@ -108,6 +108,24 @@ def test_alpha_becomes_an_explicit_product():
     torch.testing.assert_close(plain, a + p, rtol=0, atol=0)
 
 
+def adamw_like(p, m, g, step, beta, lr):
+    """AdamW's shape: a bias correction from a pow of the step, read by a loop over the parameter."""
+    bias = 1 - beta ** (step + 1).to(torch.float64)
+    return p - (lr / bias) * (m + (1 - beta) * (g - m)), step + 1
+
+
+def test_costly_scalars_are_stored_once_for_the_loops_that_read_them():
+    args = [torch.randn(4096) for _ in range(3)]
+    args += [torch.tensor(3.0), torch.tensor(0.9, dtype=torch.float64), torch.tensor(1e-3, dtype=torch.float64)]
+    module = rewritten(adamw_like, *args)
+    stored = [n for n in module.graph.nodes if n.target is aten.as_strided.default]
+    assert len(stored) == 1, "only lr / bias is costly and read by the loop ((1 - beta) and step + 1 are cheap)"
+    (node,) = stored
+    assert node.args[0].target is aten.div.Tensor and all(u.meta["val"].numel() == 4096 for u in node.users)
+    for got, want in zip(module(*args), adamw_like(*args)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_rewrite_leaves_the_source_graph_untouched():
     x = torch.randn(8)
     original = make_fx(torch.tanh, tracing_mode="fake")(x)
