@@ -40,9 +40,10 @@ def fingerprint(program: SectionProgram, for_target: str | None = None) -> str:
 
 @functools.lru_cache(maxsize=1)
 def compiler_source_hash() -> str:
-    """What our side of a compile depends on: this backend, its ATen rewrites and Inductor pass."""
+    """What our side of a compile depends on: this backend, its ATen rewrites and Inductor pass
+    (not the memory pool, which only serves runs)."""
     package = Path(__file__).parent
-    sources = sorted(package.glob("*.py")) + [
+    sources = sorted(p for p in package.glob("*.py") if p.name != "pool.py") + [
         package.parent / n for n in ("rewrites.py", "inductor_passes.py")
     ]
     hasher = hashlib.sha256()

@@ -44,6 +44,7 @@ _lock = threading.Lock()
 _library: ctypes.PyDLL | None = None
 _tried = False
 _reason = "not needed yet"
+_cap = 0  # the cap the pool was installed with
 
 Run = Callable[[Sequence[torch.Tensor]], Sequence[torch.Tensor]]
 
@@ -83,9 +84,7 @@ def release() -> int:
 def status() -> str:
     """One line for logs: on (with its cap) or why not."""
     return (
-        f"memory pool on (keeps up to {cap_bytes() >> 20} MiB free)"
-        if _library
-        else f"memory pool off: {_reason}"
+        f"memory pool on (keeps up to {_cap >> 20} MiB free)" if _library else f"memory pool off: {_reason}"
     )
 
 
@@ -106,7 +105,7 @@ def cap_bytes() -> int:
 
 def _pool() -> ctypes.PyDLL | None:
     """The installed pool library, built or loaded on first use; None when off or unavailable."""
-    global _library, _tried, _reason
+    global _library, _tried, _reason, _cap
     with _lock:
         if not _tried:
             cap = cap_bytes()  # a bad value is the user's error, raised at every load until fixed
@@ -115,7 +114,7 @@ def _pool() -> ctypes.PyDLL | None:
                 _reason = f"{ENV}=0"
             else:
                 try:
-                    _library = _install(_load(), cap)
+                    _library, _cap = _install(_load(), cap), cap
                 except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
                     _reason = str(exc)
                     log.warning("inductor: %s; compiled programs run without it", status())
