@@ -202,3 +202,18 @@ def test_inductor_pef_end_to_end_compiles_nothing_at_run(tmp_path):
     assert max(abs(a - b) / abs(b) for a, b in zip(losses, expected)) < 2e-3
     tested = app("ffn_app", "test", "-b", "32", "--hidden-size", "64", "-p", pef, cwd=tmp_path, env=debug)
     assert "test passed" in tested and "compile event" not in tested
+    measured = app(
+        "ffn_app",
+        "measure-performance",
+        "-b",
+        "32",
+        "--hidden-size",
+        "64",
+        "-p",
+        pef,
+        "-n",
+        "5",
+        cwd=tmp_path,
+    )
+    # programs read from a PEF (meta example values) run in the memory pool too
+    assert "memory pool on (keeps up to" in measured and "e2e_throughput:" in measured

@@ -58,7 +58,7 @@ from sambaflow.backends.inductor.fingerprint import (
     input_values,
 )
 from sambaflow.backends.inductor.loader import load_loader
-from sambaflow.backends.inductor.package import check_package, package_metadata
+from sambaflow.backends.inductor.package import TARGET_KEY, check_package, package_metadata
 from sambaflow.backends.inductor.parallel import CompilePool, Job, RemoteTraceback, compile_jobs
 from sambaflow.backends.inductor.probe import available, target
 from sambaflow.backends.inductor.report import CompileReport
@@ -142,7 +142,8 @@ class InductorBackend:
     def compile(self, program: SectionProgram) -> CompiledProgram:
         if self.mode == "jit":
             record_compile(self.name, program.name)
-            return pool.wrap(compile_jit(program), input_values(program))
+            on_cpu = all(v.device.type == "cpu" for v in input_values(program))
+            return pool.wrap(compile_jit(program), "cpu" if on_cpu else "cuda")
         return self.load(program, self.export(program))
 
     def export(self, program: SectionProgram) -> bytes:
@@ -204,8 +205,11 @@ class InductorBackend:
         """
         check_package(program, blob)
         loader = load_loader(blob)
-        values = input_values(program)
-        return pool.wrap(boxed_runner(loader.boxed_run, values, mutated_inputs(program)), values)
+        run = boxed_runner(loader.boxed_run, input_values(program), mutated_inputs(program))
+        # the package's target, not the inputs: a graph read from a PEF has meta example values
+        return pool.wrap(
+            run, "cpu" if package_metadata(blob).get(TARGET_KEY, "").startswith("cpu") else "cuda"
+        )
 
     def _from_cache(self, name: str, cached_as: dict[str, Any]) -> tuple[bytes | None, str, str]:
         """(package or None, "hit" / "miss" / "off", why)."""
