@@ -3,7 +3,8 @@
 A compiled step allocates its large buffers (logits, their gradients, activations) afresh on
 every run, and torch's CPU allocator gives each back to the system when it is freed: the next run
 faults every page in again. On the 2-core machine here that kernel work was a third of the tiny
-GPT-2 step (152 ms, 102 ms with the pool) and two thirds of greedy generation's slowdown.
+GPT-2 step (152 ms, 102 ms with the pool), and greedy generation ran at about half the speed
+it has with the pool.
 `pool.cpp` is an allocator in front of torch's: inside a program run (`wrap`), allocations of
 1 MiB or more come from memory it keeps mapped, best-fit, split and merged, so a step's buffers
 reuse the previous step's pages and the peak stays where torch's allocator has it. Outside runs
