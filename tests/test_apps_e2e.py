@@ -156,13 +156,11 @@ def test_training_pef_runs_inference_after_training(tmp_path):
 @pytest.mark.slow
 def test_inductor_pef_end_to_end_compiles_nothing_at_run(tmp_path):
     """The default backend: AOT binaries in the PEF; run, test and measure load them and compile nothing."""
+    sized = ("-b", "32", "--hidden-size", "64")
     compiled = app(
         "ffn_app",
         "compile",
-        "-b",
-        "32",
-        "--hidden-size",
-        "64",
+        *sized,
         "--pef-name",
         "ffn",
         "--backend",
@@ -173,47 +171,21 @@ def test_inductor_pef_end_to_end_compiles_nothing_at_run(tmp_path):
     assert "with the inductor backend" in compiled and "cache" in compiled
     assert "compile event: inductor program 'step'" in compiled  # the debug output does show compiles
     pef = str(tmp_path / "out" / "ffn" / "ffn.pef")
+    loaded = (*sized, "-p", pef)
     debug = {"SAMBAFLOW_DEBUG": "1"}
     manifest_text = subprocess.run(
         [sys.executable, "-m", "sambaflow", "inspect", pef], capture_output=True, text=True, check=True
     ).stdout
     assert "backend inductor on cpu" in manifest_text and "binary graphs/train/step.bin" in manifest_text
-    ran = app(
-        "ffn_app",
-        "run",
-        "-b",
-        "32",
-        "--hidden-size",
-        "64",
-        "-p",
-        pef,
-        "-e",
-        "1",
-        "--log-losses",
-        "losses.json",
-        cwd=tmp_path,
-        env=debug,
-    )
+    ran = app("ffn_app", "run", *loaded, "-e", "1", "--log-losses", "losses.json", cwd=tmp_path, env=debug)
     assert "compile event" not in ran, "run must load the PEF's binaries, not compile"
     losses = json.loads((tmp_path / "losses.json").read_text())
     module = load_example("ffn_app")
     utils.set_seed(0)
     expected = eager_losses(module.ResFFNLogReg(784, 64, 10), 32, 0.1, 0.9, 1e-4, flat=True)
     assert max(abs(a - b) / abs(b) for a, b in zip(losses, expected)) < 2e-3
-    tested = app("ffn_app", "test", "-b", "32", "--hidden-size", "64", "-p", pef, cwd=tmp_path, env=debug)
+    tested = app("ffn_app", "test", *loaded, cwd=tmp_path, env=debug)
     assert "test passed" in tested and "compile event" not in tested
-    measured = app(
-        "ffn_app",
-        "measure-performance",
-        "-b",
-        "32",
-        "--hidden-size",
-        "64",
-        "-p",
-        pef,
-        "-n",
-        "5",
-        cwd=tmp_path,
-    )
+    measured = app("ffn_app", "measure-performance", *loaded, "-n", "5", cwd=tmp_path)
     # programs read from a PEF (meta example values) run in the memory pool too
     assert "memory pool on (keeps up to" in measured and "e2e_throughput:" in measured

@@ -26,7 +26,7 @@ MIB = 1 << 20
 
 def pooled(make):
     """Run `make` as a compiled program's body would run: inside the pool."""
-    return pool.wrap(lambda _: make(), "cpu")([])
+    return pool.wrap(lambda _: make(), on_cpu=True)([])
 
 
 def delta(before: dict[str, int]) -> dict[str, int]:
@@ -73,7 +73,7 @@ def test_allocations_outside_runs_small_ones_and_gpu_programs_are_not_pooled(emp
     def run(tensors):
         return tensors
 
-    assert pool.wrap(run, "cuda") is run
+    assert pool.wrap(run, on_cpu=False) is run
 
 
 class WideMLP(nn.Module):
@@ -134,7 +134,7 @@ def test_zero_turns_the_pool_off(tmp_path):
         import torch
         from sambaflow.backends.inductor import pool
         run = lambda tensors: tensors
-        assert pool.wrap(run, "cpu") is run
+        assert pool.wrap(run, on_cpu=True) is run
         print(pool.stats(), pool.status())
         """
     )
@@ -167,5 +167,5 @@ def test_without_a_compiler_programs_run_as_before(monkeypatch, caplog):
     monkeypatch.setattr(pool, "_load", pool._compiler)  # as the build meets it
     run = lambda tensors: tensors  # noqa: E731
     with caplog.at_level(logging.WARNING, logger="sambaflow.compile"):
-        assert pool.wrap(run, "cpu") is run
+        assert pool.wrap(run, on_cpu=True) is run
     assert "memory pool off: no C++ compiler" in caplog.text and "run without it" in caplog.text

@@ -58,7 +58,7 @@ from sambaflow.backends.inductor.fingerprint import (
     input_values,
 )
 from sambaflow.backends.inductor.loader import load_loader
-from sambaflow.backends.inductor.package import TARGET_KEY, check_package, package_metadata
+from sambaflow.backends.inductor.package import check_package, package_device, package_metadata
 from sambaflow.backends.inductor.parallel import CompilePool, Job, RemoteTraceback, compile_jobs
 from sambaflow.backends.inductor.probe import available, target
 from sambaflow.backends.inductor.report import CompileReport
@@ -143,7 +143,7 @@ class InductorBackend:
         if self.mode == "jit":
             record_compile(self.name, program.name)
             on_cpu = all(v.device.type == "cpu" for v in input_values(program))
-            return pool.wrap(compile_jit(program), "cpu" if on_cpu else "cuda")
+            return pool.wrap(compile_jit(program), on_cpu=on_cpu)
         return self.load(program, self.export(program))
 
     def export(self, program: SectionProgram) -> bytes:
@@ -203,13 +203,11 @@ class InductorBackend:
 
         Loading the same bytes again reuses this process's loader for them (loader.py).
         """
-        check_package(program, blob)
+        meta = check_package(program, blob)
         loader = load_loader(blob)
         run = boxed_runner(loader.boxed_run, input_values(program), mutated_inputs(program))
-        # the package's target, not the inputs: a graph read from a PEF has meta example values
-        return pool.wrap(
-            run, "cpu" if package_metadata(blob).get(TARGET_KEY, "").startswith("cpu") else "cuda"
-        )
+        # the package's device, not the inputs': a graph read from a PEF has meta example values
+        return pool.wrap(run, on_cpu=package_device(meta) == "cpu")
 
     def _from_cache(self, name: str, cached_as: dict[str, Any]) -> tuple[bytes | None, str, str]:
         """(package or None, "hit" / "miss" / "off", why)."""

@@ -110,8 +110,9 @@ def package_metadata(blob: bytes) -> dict[str, str]:
     return meta
 
 
-def check_package(program: SectionProgram, blob: bytes) -> None:
-    """Refuse a package built for another program, another graph, or a CPU this one lacks."""
+def check_package(program: SectionProgram, blob: bytes) -> dict[str, str]:
+    """Refuse a package built for another program, another graph, or a CPU this one lacks;
+    returns its metadata."""
     meta = package_metadata(blob)
     if META_KEY not in meta or TARGET_KEY not in meta:
         raise SambaBackendError(
@@ -125,10 +126,16 @@ def check_package(program: SectionProgram, blob: bytes) -> None:
             f"layout (fingerprint {meta.get(META_KEY)}, this program {expected}); recompile the PEF"
         )
     _check_isa(program, meta)
+    return meta
+
+
+def package_device(meta: dict[str, str]) -> str:
+    """The device a package was compiled for (`cpu`, `cuda`), from its metadata."""
+    return meta.get("AOTI_DEVICE_KEY", "cpu")
 
 
 def _check_isa(program: SectionProgram, meta: dict[str, str]) -> None:
-    device = meta.get("AOTI_DEVICE_KEY", "cpu")
+    device = package_device(meta)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SambaBackendError(
             f"inductor: '{program.name}' was compiled for CUDA and this machine has no GPU"

@@ -75,26 +75,28 @@ void trim(std::size_t keep) {
   }
 }
 
+// Join `right`, the next block of `left` in their segment, into `left` (neither in the free set).
+Block* merge(Block* left, Block* right) {
+  left->size += right->size;
+  left->next = right->next;
+  if (right->next != nullptr) right->next->prev = left;
+  delete right;
+  return left;
+}
+
 void give_back(void* ptr) {
   std::lock_guard<std::mutex> lock(pool.mutex);
   auto found = pool.lent.find(ptr);
   Block* block = found->second;
   pool.lent.erase(found);
   block->free = true;
-  if (Block* next = block->next; next != nullptr && next->free) {
-    take_free(next);
-    block->size += next->size;
-    block->next = next->next;
-    if (next->next != nullptr) next->next->prev = block;
-    delete next;
+  if (block->next != nullptr && block->next->free) {
+    take_free(block->next);
+    merge(block, block->next);
   }
-  if (Block* prev = block->prev; prev != nullptr && prev->free) {
-    take_free(prev);
-    prev->size += block->size;
-    prev->next = block->next;
-    if (block->next != nullptr) block->next->prev = prev;
-    delete block;
-    block = prev;
+  if (block->prev != nullptr && block->prev->free) {
+    take_free(block->prev);
+    block = merge(block->prev, block);
   }
   put_free(block);
   trim(pool.max_cached);

@@ -50,10 +50,10 @@ _cap = 0  # the cap the pool was installed with
 Run = Callable[[Sequence[torch.Tensor]], Sequence[torch.Tensor]]
 
 
-def wrap(run: Run, device_type: str) -> Run:
+def wrap(run: Run, on_cpu: bool) -> Run:
     """`run` with its allocations taken from the pool, for a program compiled for the CPU (on a
     GPU, torch's caching allocator already keeps memory); others come back as they are."""
-    library = _pool() if device_type == "cpu" else None
+    library = _pool() if on_cpu else None
     if library is None:
         return run
     enter, leave = library.sambaflow_pool_enter, library.sambaflow_pool_exit
