@@ -13,6 +13,7 @@ ORDER = [
     "atomic",
     "logging",
     "tensors",
+    "models",
     "optim",
     "trace",
     "passes",

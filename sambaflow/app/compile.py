@@ -8,7 +8,7 @@ import platform
 import sys
 import time
 from datetime import datetime, timezone
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -18,7 +18,7 @@ from sambaflow.app.backend_choice import choose_backend
 from sambaflow.app.microbatching import trace_microbatched
 from sambaflow.app.progress_line import ProgramProgress
 from sambaflow.app.run_notes import threads_metadata
-from sambaflow.app.tracing import optimizer_list, progress, splits_at_gradients
+from sambaflow.app.tracing import named_graph_inputs, optimizer_list, progress, splits_at_gradients
 from sambaflow.atomic import atomic_write
 from sambaflow.passes.memory import peak_computed_bytes
 from sambaflow.pef.file import CompiledGraph, write_pef
@@ -65,12 +65,21 @@ def compile_pef(
     started = time.perf_counter()
     graphs = {}
     optimizers = [] if inference else optimizer_list(optim)
-    if optimizers:
-        microbatch, split = config.get("microbatch_size"), splits_at_gradients(config)
-        graphs["train"] = _compiled(model, inputs, optimizers, loss_indices, chosen, log, microbatch, split)
-    graphs["inference"] = _compiled(model, inputs, [], loss_indices, chosen, log)
+    if isinstance(inputs, Mapping):  # several named forward graphs (cached generation: prompt, token)
+        inference = True
+        for graph_name, graph_inputs in named_graph_inputs(inputs, optimizers).items():
+            graphs[graph_name] = _compiled(
+                model, graph_inputs, [], loss_indices, chosen, log, name=graph_name
+            )
+    else:
+        if optimizers:
+            microbatch, split = config.get("microbatch_size"), splits_at_gradients(config)
+            graphs["train"] = _compiled(
+                model, inputs, optimizers, loss_indices, chosen, log, microbatch, split
+            )
+        graphs["inference"] = _compiled(model, inputs, [], loss_indices, chosen, log)
     header = _header(name, chosen, config, pef_metadata, inference, init_output_grads, app_dir)
-    main = graphs.get("train", graphs["inference"]).graph
+    main = graphs.get("train", next(iter(graphs.values()))).graph
     write_pef(path, header, graphs, main.as_text(), key)
     signed = f", signed with {key.source}" if key else ""
     log.note(
@@ -97,8 +106,9 @@ def _compiled(
     log: CompileLog,
     microbatch_size: int | None = None,
     split_at_gradients: bool = False,
+    name: str | None = None,
 ) -> CompiledGraph:
-    kind = "training step" if optimizers else "inference graph"
+    kind = "training step" if optimizers else f"'{name}' graph" if name else "inference graph"
     log.note(f"tracing the {kind} of {type(model).__name__}")
     graph = trace_microbatched(model, inputs, optimizers, microbatch_size, log.note, loss_indices)
     executable = Executable.build(graph, backend, split_at_gradients=split_at_gradients)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import sys
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -14,11 +15,12 @@ from sambaflow.app.backend_choice import choose_backend, requested_backend
 from sambaflow.app.microbatching import trace_microbatched
 from sambaflow.backends.base import get_backend
 from sambaflow.backends.counters import debug_level
-from sambaflow.errors import SambaPefError
+from sambaflow.errors import SambaPefError, SambaTraceError
 from sambaflow.optim.base import SambaOptimizer
 from sambaflow.pef.check import check_matches
 from sambaflow.pef.file import PefFile
 from sambaflow.pef.manifest import graph_from_entry
+from sambaflow.pef.schema import GRAPH_NAME
 from sambaflow.pef.sign import TRUST_NOTE, key_path, load_key
 from sambaflow.runtime.executable import Executable
 from sambaflow.runtime.session import session
@@ -75,6 +77,8 @@ def trace_graph(
     pef_file = load_pef(pef, sign_key) if pef else None
     chosen = None if pef_file is not None else choose_backend(requested, progress)
     _say_how_it_runs(pef_file, requested, chosen)
+    if isinstance(inputs, Mapping):
+        return _trace_named_graphs(model, named_graph_inputs(inputs, optimizers), pef_file, chosen)
     if pef_file is not None and optimizers and "train" not in pef_file.kinds:
         progress(f"{pef} is forward-only (compiled with --inference): the optimizer is not used")
         optimizers = []
@@ -97,6 +101,42 @@ def trace_graph(
             f"gradient accumulation: each run adds its gradients; the weights update once every {steps} runs"
         )
     outputs = session.load(executable, model, optimizers, init_output_grads, steps)
+    model.output_tensors = outputs
+    return outputs
+
+
+def named_graph_inputs(inputs: Mapping[str, Any], optimizers: Sequence[SambaOptimizer]) -> dict[str, Any]:
+    """`{graph name: inputs}`: several forward graphs of one model, checked before any is traced."""
+    if optimizers:
+        raise SambaTraceError(
+            "several named graphs (inputs given as {name: inputs}) are forward-only: pass no optimizer, "
+            "or trace the training step from one tuple of inputs"
+        )
+    if not inputs:
+        raise SambaTraceError("inputs is an empty dict: give {graph name: inputs} for at least one graph")
+    bad = [name for name in inputs if not isinstance(name, str) or re.fullmatch(GRAPH_NAME, name) is None]
+    if bad:
+        raise SambaTraceError(
+            f"graph names {bad} are not allowed: use letters, digits, '_' and '-', starting with a letter"
+        )
+    return dict(inputs)
+
+
+def _trace_named_graphs(
+    model: nn.Module, inputs: dict[str, Any], pef_file: PefFile | None, chosen: Any
+) -> dict[str, list[SambaTensor]]:
+    """Trace each named forward graph, load them all into the session (one device store: tensors of
+    the same name, such as a KV cache, are shared) and return each graph's outputs by name."""
+    executables = {}
+    for name, graph_inputs in inputs.items():
+        traced = trace_step(model, graph_inputs, [], backward=False)
+        session.trace_count += 1
+        executables[name] = (
+            _from_pef(pef_file, traced, False, kind=name)
+            if pef_file is not None
+            else Executable.build(traced, chosen)
+        )
+    outputs = session.load_graphs(executables, model)
     model.output_tensors = outputs
     return outputs
 
@@ -150,9 +190,9 @@ def load_pef(path: str, sign_key: str | None = None) -> PefFile:
 _warned_unsigned: set[str] = set()
 
 
-def _from_pef(pef: PefFile, traced: TracedGraph, training: bool) -> Executable:
+def _from_pef(pef: PefFile, traced: TracedGraph, training: bool, kind: str | None = None) -> Executable:
     path = pef.path
-    kind = "train" if training else "inference"
+    kind = kind or ("train" if training else "inference")
     check_matches(traced, pef.entry(kind), path, pef.manifest.get("compile_args", {}))
     backend = _backend_for(pef, path)
     programs = {name: pef.program(kind, name) for name in pef.entry(kind)["programs"]}

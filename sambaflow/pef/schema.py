@@ -6,6 +6,7 @@ never an AttributeError, KeyError or TypeError later.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,8 @@ INPUT_ROLES = ("input", "param", "buffer", "state", "hyper", "output_grad")
 OUTPUT_ROLES = ("output", "grad", "input_grad", "param_update", "state_update")
 PROGRAM_NAMES = ("step", *SECTION_ORDER, *(name for name, _ in SPLIT_AT_GRADIENTS))
 MAX_LIST = 1_000_000
+#: graph names are also folder names inside the PEF
+GRAPH_NAME = r"[A-Za-z][A-Za-z0-9_-]{0,63}"
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,24 @@ class OneOf:
 @dataclass(frozen=True)
 class ListOf:
     item: Any
+
+
+@dataclass(frozen=True)
+class Matching:
+    """Text that matches `pattern` whole (`what` says what it is, for the message)."""
+
+    pattern: str
+    what: str
+
+    @property
+    def values(self) -> Matching:  # MapOf keys are checked with `key in spec.key.values`
+        return self
+
+    def __contains__(self, value: Any) -> bool:
+        return isinstance(value, str) and re.fullmatch(self.pattern, value) is not None
+
+    def __iter__(self) -> Any:
+        return iter([self.what])
 
 
 NUMBER = (int, float)
@@ -76,7 +97,8 @@ MANIFEST = {
     "inference": bool,
     "init_output_grads": bool,
     "app_dir": Optional(str),
-    "graphs": MapOf(GRAPH, OneOf(("train", "inference"))),
+    # `train` and `inference`, or an app's own graph names (`prompt` and `token` for cached generation)
+    "graphs": MapOf(GRAPH, Matching(GRAPH_NAME, "a graph name (letters, digits, _ and -)")),
     "members": MapOf({"sha256": str, "size": int}),
 }
 
@@ -132,7 +154,8 @@ def _map_problem(value: Any, spec: MapOf, where: str) -> tuple[str, str] | None:
         return where, f"is {_type(value)}, not an object"
     for key, item in value.items():
         if spec.key is not None and key not in spec.key.values:
-            return f"{where}.{key}", f"is not one of {list(spec.key.values)}"
+            expected = spec.key.what if isinstance(spec.key, Matching) else f"one of {list(spec.key.values)}"
+            return f"{where}.{key}", f"is not {expected}"
         problem = _problem(item, spec.value, f"{where}.{key}")
         if problem is not None:
             return problem

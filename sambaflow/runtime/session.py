@@ -50,11 +50,13 @@ class Session:
     def reset(self) -> None:
         """Forget the traced graph and the device tensor store."""
         self.executable: Executable | None = None
+        #: named graphs sharing the store (`load_graphs`); `run(graph_name=)` makes one current
+        self.graphs: dict[str, Executable] = {}
         self.store: dict[str, torch.Tensor] = {}
         self.optimizers: list[SambaOptimizer] = []
         self.init_output_grads = True
         self._seed_defaults: dict[str, torch.Tensor] = {}
-        self._replaced: dict[tuple[str, ...], list[str]] = {}
+        self._replaced: dict[tuple[Any, ...], list[str]] = {}
         self._saved: set[str] = set()
         self.grad_accumulation_steps = 1
         self._accumulated: dict[str, torch.Tensor] = {}  # gradients summed over the runs so far
@@ -84,6 +86,31 @@ class Session:
             self.store[spec.name] = torch.zeros(spec.shape, dtype=spec.dtype)
         self.to_rdu(model, self.optimizers)
         return self._outputs()
+
+    def load_graphs(
+        self, executables: Mapping[str, Executable], model: nn.Module
+    ) -> dict[str, list[SambaTensor]]:
+        """Load several forward graphs of `model` (cached generation's prompt and token graphs) into
+        one device store: a tensor two graphs name alike (a weight, a KV cache buffer) is held once,
+        and what one graph writes into it in place the next reads. The first graph is current;
+        `run(..., graph_name=)` runs another. Returns each graph's outputs by graph name."""
+        first = next(iter(executables))
+        self.load(executables[first], model, [])
+        self.graphs = dict(executables)
+        for executable in self.graphs.values():
+            for spec in executable.graph.inputs_with_role(PARAM, BUFFER):
+                if spec.name not in self.store:
+                    raise SambaRunError(f"graph input '{spec.name}' is not a tensor of the model given")
+        return {name: self._outputs(executable) for name, executable in self.graphs.items()}
+
+    def _select_graph(self, graph_name: str) -> None:
+        if graph_name not in self.graphs:
+            known = (
+                sorted(self.graphs)
+                or "none: only one graph is loaded (trace_graph with {name: inputs} loads several)"
+            )
+            raise SambaRunError(f"session.run: no graph named '{graph_name}'; loaded graphs: {known}")
+        self.executable = self.graphs[graph_name]
 
     def _default_seed(self, name: str) -> torch.Tensor:
         """One for a loss, zero for other outputs; made when first needed (the fused step seeds
@@ -189,11 +216,15 @@ class Session:
         grad_of_outputs: Sequence[torch.Tensor | None] | None = None,
         data_parallel: bool = False,
         reduce_on_rdu: bool = False,
+        graph_name: str | None = None,
     ) -> list[SambaTensor]:
         """Run sections (default: all) on named inputs; return the outputs in `forward` order.
 
         With `data_parallel` (or `reduce_on_rdu`) the gradients are averaged over all replicas
-        (`runtime/communicator.py`) once backward made them, before gradnorm and opt."""
+        (`runtime/communicator.py`) once backward made them, before gradnorm and opt. With
+        `graph_name`, that one of the loaded graphs (`load_graphs`) runs, and stays current."""
+        if graph_name is not None:
+            self._select_graph(graph_name)
         executable = self._require_executable()
         graph = executable.graph
         sections = resolve_sections(section_types, executable.sections)
@@ -273,7 +304,7 @@ class Session:
         its own; a run that fails leaves no gradients or outputs, never stale ones. (With the
         memory pool off, freeing the logits first hands glibc's fresh pages to the next ones:
         generation is slower then, as every large allocation is without the pool.)"""
-        key = tuple(programs)
+        key = (id(self.executable), *programs)  # loaded graphs may have programs of the same name
         if key not in self._replaced:
             found = [self.executable.programs[p] for p in programs]
             read = {n for p in found for n in p.inputs}
@@ -298,8 +329,8 @@ class Session:
             if float(self.store[name]) != value:  # apps pass the same dict every step
                 self.store[name] = torch.tensor(value, dtype=torch.float64)
 
-    def _outputs(self) -> list[SambaTensor]:
-        specs = self.executable.graph.model_outputs
+    def _outputs(self, executable: Executable | None = None) -> list[SambaTensor]:
+        specs = (executable or self.executable).graph.model_outputs
         store = self.store
         return [named_view(store[s.name] if s.name in store else _empty(s), s.name) for s in specs]
 

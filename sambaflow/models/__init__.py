@@ -1,0 +1,1 @@
+"""Model-side building blocks that apps put around their models before tracing (a KV cache)."""
