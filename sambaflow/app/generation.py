@@ -64,14 +64,17 @@ class Sampling:
     def next_tokens(self, logits: torch.Tensor) -> torch.Tensor:
         if not self.do_sample:
             return logits.argmax(-1)
-        scores = logits.float() / self.temperature
+        probabilities = self.filtered(logits.float() / self.temperature).softmax(-1)
+        return torch.multinomial(probabilities, 1, generator=self.generator).squeeze(-1)
+
+    def filtered(self, scores: torch.Tensor) -> torch.Tensor:
+        """`scores` with the tokens top-k and top-p leave out set to -inf."""
         if self.top_k > 0:
             kth = scores.topk(min(self.top_k, scores.shape[-1]), dim=-1).values[:, -1:]
             scores = scores.masked_fill(scores < kth, float("-inf"))
         if self.top_p < 1.0:
             scores = _top_p(scores, self.top_p)
-        probabilities = scores.softmax(-1)
-        return torch.multinomial(probabilities, 1, generator=self.generator).squeeze(-1)
+        return scores
 
 
 def _top_p(scores: torch.Tensor, top_p: float) -> torch.Tensor:
