@@ -69,7 +69,7 @@ def trace_step(
     step = _step_function(model, plan, probe, specs, marks)
     examples = [_example(plan, spec) for spec in specs]
     try:
-        module = make_fx(step, tracing_mode="fake")(*examples)
+        module = make_fx(step, tracing_mode="fake", record_stack_traces=True)(*examples)  # locate.py
     except SambaTraceError:
         raise
     except Exception as exc:
