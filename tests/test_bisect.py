@@ -7,6 +7,7 @@ tests run the rewrites op by op through a backend that applies them to the refer
 
 from __future__ import annotations
 
+import argparse
 import copy
 import math
 
@@ -22,6 +23,7 @@ from sambaflow.backends import rewrites
 from sambaflow.backends.inductor import InductorBackend, available
 from sambaflow.backends.reference import ReferenceBackend
 from sambaflow.samba import utils
+from sambaflow.trace.locate import node_source, recording_sources
 
 aten = torch.ops.aten
 TANH_LINE = "h = torch.tanh(self.fc1(x))"
@@ -64,13 +66,14 @@ class RewritingReference(ReferenceBackend):
         return super().compile(rewritten)
 
 
-def traced(optim: bool, backend=None):
+def traced(optim: bool, backend=None, sources: bool = True):
     model = TanhNet()
     samba.from_torch_model_(model)
     x = samba.randn(3, 7, name="x", batch_dim=0)
     y = samba.randint(3, (3,), name="y", batch_dim=0)
     sgd = samba.optim.SGD(model.parameters(), lr=0.1) if optim else None
-    utils.trace_graph(model, [x, y], sgd, backend=backend)
+    with recording_sources(sources):  # as `test` traces
+        utils.trace_graph(model, [x, y], sgd, backend=backend)
     return model, [x, y]
 
 
@@ -173,3 +176,18 @@ def _targets_after_rewrites() -> set:
 def _line_of(text: str) -> int:
     with open(__file__) as source:
         return next(i for i, line in enumerate(source, 1) if text in line and "TANH_LINE" not in line)
+
+
+def test_the_test_command_traces_with_model_lines(tmp_path):
+    """`test` (common_app_driver) records each node's stack; other traces do not pay for it."""
+    from sambaflow.app.compile import compile_pef
+    from sambaflow.app.driver import common_app_driver
+
+    model, inputs = traced(optim=False, backend="reference", sources=False)
+    assert not any("stack_trace" in n.meta for n in samba.session.executable.graph.module.graph.nodes)
+    config = {"output_folder": str(tmp_path), "backend": "reference"}
+    pef = compile_pef(model, inputs, None, name="tanh", config_dict=config, inference=True)
+    args = argparse.Namespace(command="test", pef=pef, inference=True)
+    assert common_app_driver(args, model, inputs, None)
+    sources = {node_source(n) for n in samba.session.executable.graph.module.graph.nodes}
+    assert f"{__file__}:{_line_of(TANH_LINE)} (`{TANH_LINE}`)" in sources

@@ -15,6 +15,7 @@ from sambaflow.app.gold import test_against_cpu
 from sambaflow.app.measure import measure_performance, measure_sections
 from sambaflow.app.tracing import progress, trace_graph
 from sambaflow.errors import SambaArgumentError
+from sambaflow.trace.locate import recording_sources
 
 #: relative tolerance of `test` (gold.py explains the rule)
 TOLERANCE = 1e-4
@@ -67,14 +68,15 @@ def common_app_driver(
             f"measure-sections; got command {command!r} (the app runs 'run' itself)"
         )
     pef = _required_pef(args, command)
-    trace_graph(
-        model,
-        inputs,
-        None if inference else optim,
-        init_output_grads=init_output_grads,
-        loss_indices=loss_indices,
-        pef=pef,
-    )
+    with recording_sources(command == "test"):  # the model line of a node that differs
+        trace_graph(
+            model,
+            inputs,
+            None if inference else optim,
+            init_output_grads=init_output_grads,
+            loss_indices=loss_indices,
+            pef=pef,
+        )
     if command == "test":
         return _test(model, inputs)
     if command == "measure-performance":
