@@ -191,3 +191,24 @@ def test_the_test_command_traces_with_model_lines(tmp_path):
     assert common_app_driver(args, model, inputs, None)
     sources = {node_source(n) for n in samba.session.executable.graph.module.graph.nodes}
     assert f"{__file__}:{_line_of(TANH_LINE)} (`{TANH_LINE}`)" in sources
+
+
+class TanhAsSigmoid(ReferenceBackend):
+    """A backend whose own code for tanh is wrong (no rewrite involved)."""
+
+    def compile(self, program):
+        wrong = copy.copy(program)
+        wrong.module = copy.deepcopy(program.module)
+        tanh_as_sigmoid(wrong.module.graph)
+        wrong.module.recompile()
+        return super().compile(wrong)
+
+
+def test_a_wrong_op_of_the_backend_itself_is_named_as_such():
+    graph, store = ran_on_reference()
+    finding = bisect.first_wrong_node(graph, TanhAsSigmoid(), store, ["fwd", "bckwd"], TOLERANCE)
+    assert finding.node.target is aten.tanh.default
+    suggestion = finding_lines(graph, finding, store, TOLERANCE)[-1]
+    assert (
+        "the backend computes this op wrongly from right inputs" in suggestion and "rewrite" not in suggestion
+    )

@@ -31,7 +31,11 @@ def explain_failure(model: nn.Module, tolerance: float, say: Callable[[str], Non
         f"looking for the first node that differs: the compiled program against the reference backend, "
         f"node by node through {', '.join(sections)}, on the inputs of the run above"
     )
-    finding = first_wrong_node(executable.graph, executable.backend, store, sections, tolerance)
+    try:
+        finding = first_wrong_node(executable.graph, executable.backend, store, sections, tolerance)
+    except Exception as exc:  # a diagnosis that fails must not hide the failure it explains
+        say(f"could not look further ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+        return None
     if finding is not None:
         for line in finding_lines(executable.graph, finding, store, tolerance):
             print(line)
@@ -42,7 +46,8 @@ def explain_failure(model: nn.Module, tolerance: float, say: Callable[[str], Non
         + (
             f"; the device's weights differ from the host model's: {', '.join(moved)}"
             if moved
-            else ": the traced graph itself differs from plain PyTorch (report it, with the model)"
+            else ": the traced graph (as the reference backend runs it) differs from plain PyTorch; "
+            "report it, with the model"
         )
     )
     return None
@@ -65,7 +70,7 @@ def finding_lines(
     node = finding.node
     lines = [
         f"first node outside tolerance (section {node.meta.get('section')}): {node_text(node, {})}",
-        f"  made by {node_source(node) or 'no line of your code (sambaflow or torch made it)'}",
+        f"  made by {node_source(node) or _no_source(graph)}",
     ]
     for item in finding.inputs:
         lines.append(f"  input  {item.name:32s} max_abs_err {item.abs_err:10.3e}  bound {item.bound:9.2e}")
@@ -73,6 +78,12 @@ def finding_lines(
     lines.append(f"  output {out.name:32s} max_abs_err {out.abs_err:10.3e}  bound {out.bound:9.2e}")
     lines.append("  suggestion: " + suggestion(graph, finding, store, tolerance))
     return lines
+
+
+def _no_source(graph: TracedGraph) -> str:
+    if any("stack_trace" in n.meta for n in graph.module.graph.nodes):
+        return "no line of your code (sambaflow or torch made this node)"
+    return "an unknown line (this trace recorded no model lines: the app's `test` command records them)"
 
 
 def suggestion(
