@@ -19,9 +19,9 @@ from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from sambaflow import samba
-from sambaflow.backends import get_backend
 from sambaflow.backends.inductor import InductorBackend, available, fingerprint_parts
 from sambaflow.backends.reference import ReferenceBackend
+from sambaflow.backends.registry import get_backend
 from sambaflow.errors import SambaBackendError
 from sambaflow.passes.inplace import update_inputs_in_place
 from sambaflow.passes.sections import SectionProgram, full_step_program, section_programs

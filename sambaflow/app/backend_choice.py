@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 from typing import Any, Callable
 
-from sambaflow.backends.base import Backend, get_backend
+from sambaflow.backends.base import Backend
+from sambaflow.backends.registry import get_backend
 from sambaflow.errors import SambaBackendError
 
 DEFAULT_BACKEND = "inductor"

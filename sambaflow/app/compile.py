@@ -20,6 +20,7 @@ from sambaflow.app.progress_line import ProgramProgress
 from sambaflow.app.run_notes import threads_metadata
 from sambaflow.app.tracing import named_graph_inputs, optimizer_list, progress, splits_at_gradients
 from sambaflow.atomic import atomic_write
+from sambaflow.backends.rewrites import rewrites_off
 from sambaflow.passes.memory import peak_computed_bytes
 from sambaflow.pef.file import CompiledGraph, write_pef
 from sambaflow.pef.sign import key_path, load_key
@@ -148,7 +149,12 @@ def _header(
         "target": {"backend": backend.name, "device": getattr(backend, "device", "cpu")},
         "compile_args": jsonable({k: v for k, v in config.items() if k != "sign_key"}),
         "pef_metadata": jsonable(
-            {"threads": threads_metadata(), **data_parallel_metadata(config), **(metadata or {})}
+            {
+                "threads": threads_metadata(),
+                "rewrites_off": rewrites_off(),  # for the report (the rewrites are inductor's)
+                **data_parallel_metadata(config),
+                **(metadata or {}),
+            }
         ),
         "inference": inference,
         "init_output_grads": init_output_grads,

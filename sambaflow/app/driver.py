@@ -10,10 +10,15 @@ import torch
 from torch import nn
 
 from sambaflow.app.compile import compile_pef, data_parallel_metadata, jsonable
+from sambaflow.app.diagnose import explain_failure
 from sambaflow.app.gold import test_against_cpu
 from sambaflow.app.measure import measure_performance, measure_sections
 from sambaflow.app.tracing import progress, trace_graph
 from sambaflow.errors import SambaArgumentError
+from sambaflow.trace.locate import recording_sources
+
+#: relative tolerance of `test` (gold.py explains the rule)
+TOLERANCE = 1e-4
 
 
 def get_pefmeta(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
@@ -63,14 +68,15 @@ def common_app_driver(
             f"measure-sections; got command {command!r} (the app runs 'run' itself)"
         )
     pef = _required_pef(args, command)
-    trace_graph(
-        model,
-        inputs,
-        None if inference else optim,
-        init_output_grads=init_output_grads,
-        loss_indices=loss_indices,
-        pef=pef,
-    )
+    with recording_sources(command == "test"):  # the model line of a node that differs
+        trace_graph(
+            model,
+            inputs,
+            None if inference else optim,
+            init_output_grads=init_output_grads,
+            loss_indices=loss_indices,
+            pef=pef,
+        )
     if command == "test":
         return _test(model, inputs)
     if command == "measure-performance":
@@ -104,8 +110,9 @@ def _required_pef(args: argparse.Namespace, command: str) -> str:
 
 def _test(model: nn.Module, inputs: Sequence[torch.Tensor]) -> bool:
     progress("comparing the compiled graph with plain PyTorch on the CPU")
-    if test_against_cpu(model, inputs):
+    if test_against_cpu(model, inputs, TOLERANCE):
         progress("test passed")
         return True
     progress("test FAILED: some tensors differ beyond the tolerance")
+    explain_failure(model, TOLERANCE, progress)
     sys.exit(1)

@@ -13,8 +13,8 @@ from sambaflow.app import run_notes
 from sambaflow.app.args import parsed_args
 from sambaflow.app.backend_choice import choose_backend, requested_backend
 from sambaflow.app.microbatching import trace_microbatched
-from sambaflow.backends.base import get_backend
 from sambaflow.backends.counters import debug_level
+from sambaflow.backends.registry import get_backend
 from sambaflow.errors import SambaPefError, SambaTraceError
 from sambaflow.optim.base import SambaOptimizer
 from sambaflow.pef.check import check_matches

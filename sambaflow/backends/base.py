@@ -1,4 +1,7 @@
-"""The backend contract: compile a section program, call it on tensors in its input order."""
+"""The backend contract: compile a section program, call it on tensors in its input order.
+
+It names no concrete backend (they import it); `registry.py` maps names to backends.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,6 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
-from sambaflow.errors import SambaBackendError
 from sambaflow.passes.sections import SectionProgram
 
 CompiledProgram = Callable[[Sequence[torch.Tensor]], Sequence[torch.Tensor]]
@@ -37,13 +39,3 @@ def export_many(
             on_program(name)
         binaries[name] = backend.export(program)  # type: ignore[attr-defined]
     return binaries
-
-
-def get_backend(name: str) -> Backend:
-    from sambaflow.backends.inductor import InductorBackend
-    from sambaflow.backends.reference import ReferenceBackend
-
-    backends = {"reference": ReferenceBackend, "inductor": InductorBackend}
-    if name not in backends:
-        raise SambaBackendError(f"unknown backend '{name}': choose one of {sorted(backends)}")
-    return backends[name]()

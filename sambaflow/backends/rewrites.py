@@ -25,12 +25,19 @@ Each one works around what Inductor (torch 2.13, CPU) does with a plain ATen op:
   store it (its lowering materialises its input), so it is computed once; the cheap arithmetic
   after it stays inline (storing whole chains, down to `lr / bias1`, moved Inductor's schedule so
   that the GPT-2 small step held 150 MB more at its peak).
+
+`SAMBAFLOW_REWRITES_OFF=fast_tanh,...` leaves rewrites out (the compile cache keys on it): `test`
+suggests it when one of them changes the value of the first node that differs from PyTorch.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import fx
+
+from sambaflow.errors import SambaBackendError
 
 aten = torch.ops.aten
 
@@ -39,14 +46,36 @@ TANH_TAYLOR_BELOW = 0.125
 _TANH_TAYLOR = (1.0, -1.0 / 3.0, 2.0 / 15.0, -17.0 / 315.0)  # coefficients of x, x^3, x^5, x^7
 
 
+#: the rewrites, in the order they apply (by name: `test` tries each one alone, app/bisect.py)
+REWRITES = ("explicit_alpha", "fast_tanh", "nll_softmax_backward", "scalars_computed_once")
+#: names of rewrites to leave out, comma-separated (to rule one out when a compiled program is wrong)
+REWRITES_OFF_VARIABLE = "SAMBAFLOW_REWRITES_OFF"
+
+
+def rewrites_off() -> list[str]:
+    """The rewrites `$SAMBAFLOW_REWRITES_OFF` turns off; an unknown name is an error."""
+    names = [n.strip() for n in os.environ.get(REWRITES_OFF_VARIABLE, "").split(",") if n.strip()]
+    unknown = [n for n in names if n not in REWRITES]
+    if unknown:
+        raise SambaBackendError(
+            f"${REWRITES_OFF_VARIABLE}: unknown rewrite(s) {unknown}; the rewrites are {list(REWRITES)}"
+        )
+    return names
+
+
 def rewrite_for_inductor(module: fx.GraphModule) -> fx.GraphModule:
-    """Apply every rewrite to `module` in place and recompile it."""
-    explicit_alpha(module.graph)
-    fast_tanh(module.graph)
-    nll_softmax_backward(module.graph)
-    scalars_computed_once(module.graph)
+    """Apply every rewrite not turned off to `module` in place and recompile it."""
+    off = rewrites_off()
+    for name in REWRITES:
+        if name not in off:
+            apply_rewrite(name, module.graph)
     module.recompile()
     return module
+
+
+def apply_rewrite(name: str, graph: fx.Graph) -> None:
+    # Looked up by name when called, so a test can replace one (tests/test_bisect.py breaks one).
+    globals()[name](graph)
 
 
 def explicit_alpha(graph: fx.Graph) -> None:

@@ -8,7 +8,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from sambaflow.backends.base import Backend, CompiledProgram, export_many, get_backend
+from sambaflow.backends.base import Backend, CompiledProgram, export_many
+from sambaflow.backends.registry import get_backend
 from sambaflow.passes.batch_reduction import batch_reduction
 from sambaflow.passes.inplace import update_inputs_in_place
 from sambaflow.passes.sections import (

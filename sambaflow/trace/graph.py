@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+from sambaflow.trace.printing import section_lines
+
 #: roles of graph inputs
 INPUT, PARAM, BUFFER, STATE, HYPER, OUTPUT_GRAD = "input", "param", "buffer", "state", "hyper", "output_grad"
 #: roles of graph outputs
@@ -80,9 +82,20 @@ class TracedGraph:
 
     def as_text(self) -> str:
         """The graph, readable: named inputs, ops grouped by section, named outputs."""
-        from sambaflow.trace.printing import graph_text
-
-        return graph_text(self)
+        placeholders = [n for n in self.module.graph.nodes if n.op == "placeholder"]
+        names = {node: spec.name for node, spec in zip(placeholders, self.inputs)}
+        lines = [
+            f"graph: {len(self.inputs)} inputs, {len(self.outputs)} outputs, sections {', '.join(self.sections)}",
+            "inputs:",
+        ]
+        lines += [f"  {spec.describe():60s} {spec.role}" for spec in self.inputs]
+        lines += section_lines(self.module.graph, names)
+        lines.append("outputs:")
+        for spec, value in zip(self.outputs, self.returned_nodes()):
+            lines.append(f"  {spec.describe():60s} {spec.role} <- {names.get(value, value.name)}")
+        if self.baked:
+            lines.append("baked in at trace time: " + "; ".join(self.baked))
+        return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.as_text()

@@ -1,13 +1,11 @@
-"""Readable text for traced graphs and section programs."""
+"""Readable text for graph nodes, shared by the traced graph and the section programs.
+
+It knows fx graphs only, no TracedGraph: `graph.py` imports it, not the other way round.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from torch import fx
-
-if TYPE_CHECKING:
-    from sambaflow.trace.graph import TracedGraph
 
 
 def node_text(node: fx.Node, names: dict[fx.Node, str]) -> str:
@@ -24,27 +22,14 @@ def node_text(node: fx.Node, names: dict[fx.Node, str]) -> str:
     return f"{names.get(node, node.name)} = {target}({', '.join(p for p in parts if p)}){shape}"
 
 
-def graph_text(graph: TracedGraph) -> str:
-    placeholders = [n for n in graph.module.graph.nodes if n.op == "placeholder"]
-    names = {node: spec.name for node, spec in zip(placeholders, graph.inputs)}
-    lines = [
-        f"graph: {len(graph.inputs)} inputs, {len(graph.outputs)} outputs, "
-        f"sections {', '.join(graph.sections)}",
-        "inputs:",
-    ]
-    lines += [f"  {spec.describe():60s} {spec.role}" for spec in graph.inputs]
-    current = None
-    for node in graph.module.graph.nodes:
+def section_lines(graph: fx.Graph, names: dict[fx.Node, str]) -> list[str]:
+    """The ops in order, under a `section <name>:` line wherever the section changes."""
+    lines, current = [], None
+    for node in graph.nodes:
         if node.op in ("placeholder", "output"):
             continue
-        section = node.meta.get("section")
-        if section != current:
-            lines.append(f"section {section}:")
-            current = section
+        if node.meta.get("section") != current:
+            current = node.meta.get("section")
+            lines.append(f"section {current}:")
         lines.append("  " + node_text(node, names))
-    lines.append("outputs:")
-    for spec, value in zip(graph.outputs, graph.returned_nodes()):
-        lines.append(f"  {spec.describe():60s} {spec.role} <- {names.get(value, value.name)}")
-    if graph.baked:
-        lines.append("baked in at trace time: " + "; ".join(graph.baked))
-    return "\n".join(lines)
+    return lines

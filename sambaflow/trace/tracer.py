@@ -39,7 +39,7 @@ from sambaflow.trace.graph import (
     TracedGraph,
 )
 from sambaflow.trace.hooks import DropoutAsInput, DropoutSite, ModuleWatch, watching_modules
-from sambaflow.trace.locate import trace_error
+from sambaflow.trace.locate import records_sources, trace_error
 from sambaflow.trace.plan import StepPlan, make_plan
 
 
@@ -69,7 +69,7 @@ def trace_step(
     step = _step_function(model, plan, probe, specs, marks)
     examples = [_example(plan, spec) for spec in specs]
     try:
-        module = make_fx(step, tracing_mode="fake")(*examples)
+        module = make_fx(step, tracing_mode="fake", record_stack_traces=records_sources())(*examples)
     except SambaTraceError:
         raise
     except Exception as exc:

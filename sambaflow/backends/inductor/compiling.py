@@ -51,7 +51,8 @@ def compile_jit(program: SectionProgram) -> CompiledProgram:
         compiled = compile_fx(prepared(program), _examples(program))
 
     def run(tensors: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
-        return compiled(*tensors)
+        # compile_fx's wrapper dispatches on subclasses (SambaTensor inputs fail there): pass plain ones
+        return compiled(*[t if type(t) is torch.Tensor else t.as_subclass(torch.Tensor) for t in tensors])
 
     return run
 

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from sambaflow.backends.inductor.probe import target
+from sambaflow.backends.rewrites import rewrites_off
 from sambaflow.errors import SambaBackendError
 from sambaflow.passes.sections import SectionProgram
 
@@ -38,10 +39,15 @@ def fingerprint(program: SectionProgram, for_target: str | None = None) -> str:
     return digest(fingerprint_parts(program, for_target))
 
 
-@functools.lru_cache(maxsize=1)
 def compiler_source_hash() -> str:
     """What our side of a compile depends on: this backend, its ATen rewrites and Inductor pass
-    (not the memory pool, which only serves runs)."""
+    (not the memory pool, which only serves runs), and the rewrites $SAMBAFLOW_REWRITES_OFF omits."""
+    off = rewrites_off()
+    return _source_hash() + (f"-without-{'-'.join(off)}" if off else "")
+
+
+@functools.lru_cache(maxsize=1)
+def _source_hash() -> str:
     package = Path(__file__).parent
     sources = sorted(p for p in package.glob("*.py") if p.name != "pool.py") + [
         package.parent / n for n in ("rewrites.py", "inductor_passes.py")
