@@ -13,6 +13,7 @@ import copy
 
 import pytest
 import torch
+from test_report import find, report, text
 
 from sambaflow import samba
 from sambaflow.errors import SambaRunError, SambaTraceError
@@ -165,6 +166,10 @@ def test_generation_pef_holds_prompt_and_token_graphs(tmp_path):
     config = {"output_folder": str(tmp_path), "pef_name": "gen"}
     path = samba.session.compile(cached, cached_graph_inputs(cached, PROMPT_LEN), None, config_dict=config)
     assert PefFile(path).kinds == ["prompt", "token"]
+    page = report(path, tmp_path, "--measure", "-n", "1")  # the report shows both, times the token graph
+    for kind in ("prompt", "token"):
+        assert find(page.root, "div", **{"class": "graph", "data-graph": kind})
+    assert "tokens/s" in text(find(page.root, "section", id="measured")[0])
     samba.session.reset()
     _, reloaded = gold, KVCacheLM(copy.deepcopy(gold), 2, MAX_LEN)
     samba.from_torch_model_(reloaded)

@@ -84,7 +84,7 @@ def read_facts(pef: PefFile) -> Facts:
         backend=target.get("backend", "reference"),
         device=target.get("device", "cpu"),
         inference_only=bool(m["inference"]),
-        graphs=[_graph(pef, kind) for kind in sorted(pef.kinds, key=("train", "inference").index)],
+        graphs=[_graph(pef, kind) for kind in sorted(pef.kinds, key=_graph_order)],
         graph_text=pef.members["graph.txt"].decode(errors="replace"),
         compile=compile_facts(pef),
         trust=[line.strip() for line in trust_lines(pef)],
@@ -201,3 +201,9 @@ class _Namespace:
 
     def __init__(self, values: dict[str, Any]) -> None:
         self.__dict__.update(values)
+
+
+def _graph_order(kind: str) -> tuple[int, str]:
+    """Training first, then inference, then an app's named graphs (prompt, token) in name order."""
+    known = ("train", "inference")
+    return (known.index(kind), "") if kind in known else (len(known), kind)

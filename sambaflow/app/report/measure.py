@@ -117,7 +117,12 @@ def _measurement(
 
 
 def _kind(pef: PefFile) -> str:
-    return "train" if "train" in pef.kinds else "inference"
+    """The graph to time: the training step, else the forward graph; of a cached-generation PEF's
+    prompt and token graphs the token graph (what sets the speed of generation)."""
+    for kind in ("train", "inference", "token"):
+        if kind in pef.kinds:
+            return kind
+    return pef.kinds[0]
 
 
 def _executable(pef: PefFile, kind: str) -> Executable:
