@@ -98,8 +98,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import ctypes
-import gc
 import json
 import math
 import re
@@ -122,19 +120,20 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 import gpt2_app  # noqa: E402  (examples/gpt2_app.py: the tutorial's groups, generation inputs)
 import transformers  # noqa: E402
-from step_bench import (  # noqa: E402  (benchmarks/step_bench.py: the shared method)
+from harness import (  # noqa: E402  (benchmarks/harness.py: the shared method)
     cpu_seconds,
     fmt,
-    host_params,
     machine,
     measure,
     medians,
     other_cpu_share,
+    proc_status_kb,
     ratio,
-    relative_error,
+    settle,
     summary,
     warm_up,
 )
+from step_bench import host_params, relative_error  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 from transformers.modeling_outputs import CausalLMOutput  # noqa: E402
 
@@ -614,16 +613,6 @@ def timed(
 
 
 # --- peak memory, in fresh processes ------------------------------------------------------------------
-def proc_status_kb(*keys: str) -> dict[str, int]:
-    text = Path("/proc/self/status").read_text()
-    return {k: int(re.search(rf"^{k}:\s+(\d+) kB", text, re.M).group(1)) for k in keys}
-
-
-def settle() -> None:
-    """Free what can be freed and give the heap's free pages back, so RSS counts live memory."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def memory_child(spec: dict[str, Any]) -> None:

@@ -61,11 +61,8 @@ import argparse
 import contextlib
 import copy
 import fnmatch
-import gc
 import json
 import math
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -83,6 +80,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
 from ffn_app import ResFFNLogReg  # noqa: E402  (examples/ffn_app.py, the seed's model)
+from harness import fmt, machine, measure, medians, ratio, summary, warm_up  # noqa: E402,F401  (benchmarks/harness.py)
 from lenet_app import LeNet  # noqa: E402  (examples/lenet_app.py)
 
 import sambaflow.samba.utils as utils  # noqa: E402
@@ -384,18 +382,6 @@ def three_steps(step: Step) -> None:
 
 
 # --- timing -----------------------------------------------------------------------------------------
-def warm_up(steps: dict[str, Step], count: int, seconds: float) -> dict[str, float]:
-    """Run each variant `count` steps (at most about `seconds` each); return a per-step estimate."""
-    estimate = {}
-    for name, step in steps.items():
-        times: list[float] = []
-        started = time.perf_counter()
-        while len(times) < count and (len(times) < 3 or time.perf_counter() - started < seconds):
-            t = time.perf_counter()
-            step(3 + len(times))
-            times.append(time.perf_counter() - t)
-        estimate[name] = statistics.median(times[len(times) // 2 :])
-    return estimate
 
 
 def plan(estimate: dict[str, float], args: argparse.Namespace) -> tuple[int, int]:
@@ -404,40 +390,6 @@ def plan(estimate: dict[str, float], args: argparse.Namespace) -> tuple[int, int
     steps = min(args.steps, max(args.min_steps, int(args.phase_seconds / per_step)))
     rounds = max(1, min(args.rounds, steps))
     return rounds, max(1, steps // rounds)
-
-
-def measure(steps: dict[str, Step], rounds: int, block: int) -> dict[str, list[float]]:
-    names = list(steps)
-    samples: dict[str, list[float]] = {n: [] for n in names}
-    position = dict.fromkeys(names, 0)
-    clock = time.perf_counter
-    gc.collect()
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        for r in range(rounds):
-            for name in names[r % len(names) :] + names[: r % len(names)]:
-                step, out, first = steps[name], samples[name], position[name]
-                for i in range(first, first + block):
-                    t = clock()
-                    step(i)
-                    out.append(clock() - t)
-                position[name] = first + block
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return samples
-
-
-def summary(times: list[float]) -> dict[str, float]:
-    q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
-    return {
-        "median_us": statistics.median(times) * 1e6,
-        "p10_us": q[0] * 1e6,
-        "p90_us": q[-1] * 1e6,
-        "mean_us": statistics.fmean(times) * 1e6,
-        "n": len(times),
-    }
 
 
 # --- one config -----------------------------------------------------------------------------------
@@ -673,16 +625,6 @@ def import_reference(runs: int) -> dict[str, float]:
 
 
 # --- reporting ---------------------------------------------------------------------------------------
-def ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a and b else None
-
-
-def fmt(value: float | None, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def medians(phase: dict) -> dict[str, float]:
-    return {n: t["median_us"] for n, t in phase.get("timing", {}).items()}
 
 
 def add_ratios(entry: dict) -> None:
@@ -813,24 +755,6 @@ def print_targets(checks: list[dict[str, Any]]) -> None:
         print("\nTARGETS (issue 4)")
         for c in checks:
             print(f"  {'met ' if c['met'] else 'MISS'}  {c['target']}: {c['value']:.3f}")
-
-
-def machine() -> dict[str, Any]:
-    cpu = platform.processor()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {
-        "cpu": cpu,
-        "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "hostname": platform.node(),
-    }
 
 
 # --- main ---------------------------------------------------------------------------------------------
