@@ -159,18 +159,25 @@ def generate_phase(config: Config, args: argparse.Namespace, bandwidth: float) -
         say(f"{label}: compiling and checking tokens")
         steps, tokens = generation_variants(config, dtype, args.new_tokens, args.seed)
         weights = tokens.pop("_weights")
-        identical = all(t == tokens["ours"] for t in tokens.values())
+        identical = all(t == tokens["hf_eager"] for t in tokens.values())
+        agree = {n: _common_prefix(t, tokens["hf_eager"]) for n, t in tokens.items()}
         phase = timed(label, steps, rounds=args.rounds, block=1)
         per_s = {n: args.new_tokens / (m / 1e6) for n, m in medians(phase).items()}
         bound = bandwidth / weights
         results[str(dtype).removeprefix("torch.")] = phase | {
             "tokens_per_s": per_s,
             "identical_tokens": identical,
+            "tokens_agreeing_with_hf_eager": agree,
             "weight_bytes_per_token": weights,
             "bandwidth_bound_tokens_per_s": bound,
             "bandwidth_fraction": {n: v / bound for n, v in per_s.items()},
         }
     return results
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two generations share (bf16 rounding may part them after a while)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 # --- training -----------------------------------------------------------------------------------------
@@ -300,9 +307,11 @@ def print_report(entries: dict[str, dict[str, Any]]) -> list[Target]:
     for name, entry in entries.items():
         for dtype, g in entry.get("generate", {}).items():
             per_s = g["tokens_per_s"]
-            print(
-                f"\n{name} generation, {dtype}, batch 1 ({'same' if g['identical_tokens'] else 'DIFFERENT'} tokens)"
-            )
+            agree = g["tokens_agreeing_with_hf_eager"]
+            same = "same tokens" if g["identical_tokens"] else f"leading tokens equal to hf_eager's: {agree}"
+            print(f"\n{name} generation, {dtype}, batch 1 ({same})")
+            if dtype == "float32" and not g["identical_tokens"]:
+                print("  WRONG: fp32 greedy tokens differ from Hugging Face's")
             for variant, value in per_s.items():
                 fraction = g["bandwidth_fraction"][variant]
                 print(f"  {variant:18s} {value:8.1f} new tokens/s   {fraction:6.1%} of the bandwidth bound")
