@@ -75,6 +75,7 @@ MANIFEST = {
     "pef_metadata": dict,
     "inference": bool,
     "init_output_grads": bool,
+    "precision": str,
     "app_dir": Optional(str),
     "graphs": MapOf(GRAPH, OneOf(("train", "inference"))),
     "members": MapOf({"sha256": str, "size": int}),
