@@ -15,9 +15,11 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from sambaflow.app.checks import compare
 from sambaflow.runtime.session import session
+from sambaflow.trace.casts import IndexCasts
 from sambaflow.trace.graph import HYPER
 from sambaflow.trace.precision import MIXED, is_low_precision
 
@@ -37,9 +39,11 @@ def gold_step(
 ) -> list[torch.Tensor]:
     """Eager forward (under bf16 autocast for bf16-mixed) and loss.backward() on the host model copy."""
     amp = torch.autocast("cpu", dtype=torch.bfloat16) if precision == MIXED else contextlib.nullcontext()
-    with amp:
-        outputs = gold(*[t.as_subclass(torch.Tensor).detach().clone() for t in inputs])
-    flat = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
+    # IndexCasts: int16 labels and position ids, which the graph accepts, reach eager ops as int64
+    with amp, IndexCasts():
+        # None stands for a forward argument left at its default, as in the traced input tuple
+        outputs = gold(*[None if t is None else t.as_subclass(torch.Tensor).detach().clone() for t in inputs])
+    flat = pytree.tree_leaves(outputs)  # as the tracer flattens them (a Hugging Face ModelOutput too)
     losses = [o for o, n in zip(flat, output_names) if n in loss_names]
     if losses:
         torch.autograd.backward(losses)

@@ -113,9 +113,9 @@ def check_precision(traced: TracedGraph, compiled: str, path: str) -> None:
     if traced.precision == compiled:
         return
     if compiled == MIXED:
-        hint = "run it without --graphamp-preset mp0 / graphamp_preset='mp0' (the PEF's mp1 is used)"
+        hint = "drop --graphamp-preset mp0 / graphamp_preset='mp0' (the PEF's mp1 is then used)"
     elif traced.precision == MIXED:
-        hint = "run it without --graphamp-preset mp1 / graphamp_preset='mp1' (the PEF is not mixed)"
+        hint = "drop --graphamp-preset mp1 / graphamp_preset='mp1' (this PEF is not mixed precision)"
     else:
         hint = (
             f"give the model {compiled} parameters as at compile time (model.bfloat16() / "
@@ -123,6 +123,6 @@ def check_precision(traced: TracedGraph, compiled: str, path: str) -> None:
         )
     raise SambaPefError(
         f"'{path}' was compiled in precision {describe(compiled)}; the app now traces "
-        f"{describe(traced.precision)}. To run this PEF, {hint}; or recompile the PEF from the app "
+        f"{describe(traced.precision)}. To run it, {hint}; or recompile the PEF from the app "
         "as it is now."
     )
