@@ -74,6 +74,11 @@ INEFFECTIVE_ARGUMENTS: dict[str, tuple[str, Any, str]] = {
         "device resources are not modelled",
     ),
     "mapping": ("--mapping", "section", "only section mapping is implemented"),
+    "enable_mixed_precision_ops": (
+        "--enable-mixed-precision-ops",
+        None,
+        "on the CPU, bf16 matrix products already accumulate in fp32 and bf16 softmax computes in fp32",
+    ),
 }
 
 
@@ -203,8 +208,8 @@ def _add_compiler_args(p: argparse.ArgumentParser) -> None:
         nargs="+",
         choices=("gemm", "softmax"),
         default=None,
-        help="ops computed in bf16 with fp32 accumulation (recorded; the CPU's bf16 GEMMs and "
-        "softmax already accumulate in fp32)",
+        help="ops computed in bf16 with fp32 accumulation (the CPU's bf16 GEMMs and softmax "
+        "already accumulate in fp32)",
     )
     _add(g, "--mapping", choices=("section", "spatial"), default="section", help="mapping mode")
     _add(g, "--n-chips", type=positive_int, default=1, help="device chips")

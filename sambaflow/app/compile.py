@@ -78,7 +78,7 @@ def compile_pef(
     header = _header(name, chosen, config, pef_metadata, inference, init_output_grads, app_dir)
     main = graphs.get("train", graphs["inference"]).graph
     header["precision"] = main.precision
-    for line in compile_notes(main.precision, config):
+    for line in compile_notes(main.precision):
         log.note(line)
     write_pef(path, header, graphs, main.as_text(), key)
     signed = f", signed with {key.source}" if key else ""

@@ -12,7 +12,7 @@ from typing import Any
 
 from sambaflow.app.args import parsed_args
 from sambaflow.pef.file import PefFile
-from sambaflow.trace.precision import MIXED, check_preset, describe, preset_of
+from sambaflow.trace.precision import check_preset, describe, preset_of
 
 
 def requested_preset(explicit: str | None, config: dict[str, Any] | None = None) -> str | None:
@@ -33,17 +33,7 @@ def preset_for_run(requested: str | None, pef: PefFile | None) -> str:
     return preset_of(pef.manifest["precision"]) if pef is not None else "mp0"
 
 
-def compile_notes(precision: str, config: dict[str, Any]) -> list[str]:
-    """Compile-log lines: the precision, and what --enable-mixed-precision-ops did."""
-    lines = [f"precision: {describe(precision)}"]
-    ops = config.get("enable_mixed_precision_ops")
-    if ops:
-        given = " ".join(ops)
-        effect = (
-            "bf16 matrix products already multiply bf16 and accumulate in fp32 on the CPU, and "
-            "softmax on bf16 computes in fp32 internally"
-        )
-        if precision != MIXED and "bf16" not in precision:
-            effect = f"this graph has no bf16 compute ({precision}), so there is nothing to do"
-        lines.append(f"--enable-mixed-precision-ops {given}: recorded, changes nothing ({effect})")
-    return lines
+def compile_notes(precision: str) -> list[str]:
+    """Compile-log lines about the precision (`--enable-mixed-precision-ops` is listed with the
+    arguments that had no effect, app/args.py)."""
+    return [f"precision: {describe(precision)}"]
