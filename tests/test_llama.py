@@ -3,7 +3,8 @@
 fp32 (reference backend): AdamW in two groups (decayed weights, undecayed norms), each clipping
 its own gradients, and `-mb` micro-batching, over several steps on fresh batches. bf16 mixed
 precision (GraphAMP mp1) against eager `torch.autocast("cpu", torch.bfloat16)`; a bf16 model
-(`torch_dtype=torch.bfloat16`) against eager bf16; one inductor mp1 step.
+(`torch_dtype=torch.bfloat16`) against eager bf16; one inductor mp1 step; two data-parallel replicas
+(gloo) against one process. Run as a script, this file is such a replica.
 Inputs are what SambaFlow's tutorials feed: int32 token ids, int16 labels; the HF model is traced
 as it is, with `None` for the forward arguments left at their defaults.
 """
@@ -11,6 +12,8 @@ as it is, with `None` for the forward arguments left at their defaults.
 from __future__ import annotations
 
 import copy
+import os
+import sys
 
 import pytest
 import torch
@@ -280,3 +283,50 @@ def test_inductor_mixed_precision_follows_eager_autocast():
     # bf16 rounding decides Adam's small updates. This bound catches gross errors only (an lr off by
     # 30% drifts by about 0.3); the fp32 and reference mp1 tests above check the update closely.
     assert_followed(model, gold, initial, 0.15)
+
+
+# ---------------------------------------------------------------------------- data parallel
+
+
+def replica_train(rank: int, world: int, parallel: bool, steps: int = 3) -> dict:
+    """Parameters after `steps` AdamW steps (two groups, clipped) on rank's share of fixed batches."""
+    samba.session.reset()
+    _, model = pair()
+    generator = torch.Generator().manual_seed(8)
+    data = [batch(generator) for _ in range(steps)]
+    share = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+    outputs = utils.trace_graph(model, inputs(*[t[share] for t in data[0]]), samba_adamw(model))
+    for ids, labels in data:
+        samba.session.run(inputs(ids[share], labels[share]), outputs, data_parallel=parallel)
+    samba.session.to_cpu(model)
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.slow
+def test_two_data_parallel_replicas_match_one_process(tmp_path):
+    from test_data_parallel import finish, free_port, mpi_style
+
+    out = str(tmp_path / "params")
+    for rc, _, err in finish(mpi_style([__file__, out], free_port())):
+        assert rc == 0, err[-3000:]
+    start = dict(tiny().named_parameters())
+    one = replica_train(0, 1, parallel=False)  # the whole batch in one process
+    alone = replica_train(0, 2, parallel=False)  # rank 0's half, gradients not averaged
+
+    def drift(got: dict, name: str) -> float:
+        change = (one[name] - start[name].detach()).norm()
+        return float((got[name] - one[name]).norm() / change)
+
+    for rank in range(2):
+        got = torch.load(f"{out}.{rank}")
+        worst = max(one, key=lambda name: drift(got, name))
+        assert drift(got, worst) < 1e-4, (rank, worst, drift(got, worst))
+    assert max(drift(alone, name) for name in one) > 1e-2  # averaging matters: the check can fail
+
+
+if __name__ == "__main__":  # one replica of test_two_data_parallel_replicas_match_one_process
+    import torch.distributed as dist
+
+    rank, world = int(os.environ["OMPI_COMM_WORLD_RANK"]), int(os.environ["OMPI_COMM_WORLD_SIZE"])
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.save(replica_train(rank, world, parallel=True), f"{sys.argv[1]}.{rank}")
