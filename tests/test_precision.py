@@ -203,3 +203,26 @@ def test_unsupported_presets_are_refused(preset, message):
     inputs = named_inputs(["x", "y"], data(torch.Generator().manual_seed(7)))
     with pytest.raises(SambaArgumentError, match=message):
         utils.trace_graph(model, inputs, optim, graphamp_preset=preset)
+
+
+def test_mixed_precision_with_microbatches_is_eager_autocast_accumulation():
+    """-mb 4 on a batch of 8 under mp1: eager autocast with two half batches, each loss halved."""
+    gold, model, optim = build()
+    gold_optim = torch.optim.SGD(gold.parameters(), lr=0.1, momentum=0.9)
+    generator = torch.Generator().manual_seed(8)
+    first = named_inputs(["x", "y"], data(generator))
+    outputs = utils.trace_graph(model, first, optim, graphamp_preset="mp1", microbatch_size=4)
+    graph = samba.session.executable.graph
+    assert graph.precision == "bf16-mixed" and graph.origin is not None  # micro-batched, in bf16
+    for step in range(3):
+        x, y = data(generator)
+        samba.session.run(named_inputs(["x", "y"], [x, y]), outputs)
+        gold_optim.zero_grad()
+        for half in (slice(0, 4), slice(4, 8)):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = gold(x[half], y[half])[0]
+            (loss / 2).backward()
+        gold_optim.step()
+    samba.session.to_cpu(model)
+    for got, want in zip(model.parameters(), gold.parameters()):
+        assert rel_err(got, want) < 1e-5
