@@ -251,7 +251,8 @@ def test_ineffective_arguments_lists_n_chips_and_mb_only_for_inference():
 def test_ineffective_arguments_covers_every_listed_argument():
     argv = ["compile", "--n-chips", "2", "--num-tiles", "8", "--o0", "--o1", "--mapping", "spatial",
             "--reduce-on-rdu", "--grad-accumulation-steps", "3", "-mb", "2", "--data-parallel", "-ws", "2",
-            "--arch", "sn20", "--resources-scaling-factors", "0.8", "0.8", "0.8"]  # fmt: skip
+            "--arch", "sn20", "--resources-scaling-factors", "0.8", "0.8", "0.8",
+            "--enable-mixed-precision-ops", "gemm"]  # fmt: skip
     lines = ineffective_arguments(parse_app_args(argv))
     assert len(lines) == len(INEFFECTIVE_ARGUMENTS)  # -mb and accumulation act on a training compile
     assert not any("--microbatch-size" in line or "--grad-accumulation" in line for line in lines)

@@ -80,7 +80,8 @@ def rewrite(path, target, edit_manifest=None, drop=None):
 def test_compile_writes_pef_and_log(pef_path):
     assert pef_path.endswith("ffn/ffn.pef")
     manifest, names = read_manifest(pef_path)
-    assert manifest["format"] == "sambaflow-pef" and manifest["format_version"] == 2
+    assert manifest["format"] == "sambaflow-pef" and manifest["format_version"] == 3
+    assert manifest["precision"] == "fp32"
     assert manifest["producer"]["torch"] == torch.__version__ and manifest["target"]["backend"] == "reference"
     assert manifest["compile_args"]["n_chips"] == 2
     train = manifest["graphs"]["train"]
@@ -181,7 +182,7 @@ def damaged_variants(pef_path, tmp_path):
         ),
         "future version": (
             rewrite(pef_path, tmp_path / "future.pef", edit_manifest=lambda m: m.update(format_version=99)),
-            "format version 99.*reads format versions up to 2",
+            "format version 99.*reads format versions up to 3",
         ),
         "older version": (
             rewrite(pef_path, tmp_path / "old.pef", edit_manifest=lambda m: m.update(format_version=1)),
@@ -252,7 +253,8 @@ def test_inspect_prints_the_manifest(pef_path, capsys):
     assert cli_main(["inspect", pef_path]) == 0
     text = capsys.readouterr().out
     for needle in (
-        "format version 2",
+        "format version 3",
+        "precision: fp32 (float32 weights and compute)",
         "backend reference on cpu",
         "trust: unsigned",
         "native code: none",

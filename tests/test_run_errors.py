@@ -68,7 +68,8 @@ def test_wrong_dtype(traced):
     _, x, y, outs = traced
     bad = samba.randn(4, 16, name="x", dtype=torch.float64)
     raises_and_keeps_store(
-        r"input 'x'.*torch.float32, given \[4, 16\] torch.float64",
+        r"input 'x': the graph was compiled for torch.float32, given torch.float64.*Feed torch.float32 "
+        r"tensors, e.g. x.float\(\)",
         input_tensors=[bad, y],
         output_tensors=outs,
     )

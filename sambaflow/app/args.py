@@ -74,6 +74,11 @@ INEFFECTIVE_ARGUMENTS: dict[str, tuple[str, Any, str]] = {
         "device resources are not modelled",
     ),
     "mapping": ("--mapping", "section", "only section mapping is implemented"),
+    "enable_mixed_precision_ops": (
+        "--enable-mixed-precision-ops",
+        None,
+        "on the CPU, bf16 matrix products already accumulate in fp32 and bf16 softmax computes in fp32",
+    ),
 }
 
 
@@ -186,6 +191,25 @@ def _add_compiler_args(p: argparse.ArgumentParser) -> None:
         help="how sections are compiled: inductor (C++/Triton) or reference (eager ATen); "
         "default: $SAMBAFLOW_BACKEND, else inductor (reference where Inductor cannot run). "
         "run: used without -p only (a PEF fixes its backend)",
+    )
+    _add(
+        g,
+        "--graphamp-preset",
+        type=_lower,
+        choices=("mp0", "mp1", "mp4"),
+        default=None,
+        help="GraphAMP mixed precision: mp0 off (default); mp1 bf16 mixed precision (GEMM-like ops "
+        "in bf16 under autocast, fp32 weights, gradients and optimizer state); mp4 is refused. "
+        "A PEF keeps the one it was compiled with",
+    )
+    _add(
+        g,
+        "--enable-mixed-precision-ops",
+        nargs="+",
+        choices=("gemm", "softmax"),
+        default=None,
+        help="ops computed in bf16 with fp32 accumulation (the CPU's bf16 GEMMs and softmax "
+        "already accumulate in fp32)",
     )
     _add(g, "--mapping", choices=("section", "spatial"), default="section", help="mapping mode")
     _add(g, "--n-chips", type=positive_int, default=1, help="device chips")

@@ -16,6 +16,7 @@ from torch import nn
 import sambaflow
 from sambaflow.app.backend_choice import choose_backend
 from sambaflow.app.microbatching import trace_microbatched
+from sambaflow.app.precision import compile_notes, requested_preset
 from sambaflow.app.progress_line import ProgramProgress
 from sambaflow.app.run_notes import threads_metadata
 from sambaflow.app.tracing import named_graph_inputs, optimizer_list, progress, splits_at_gradients
@@ -49,12 +50,14 @@ def compile_pef(
     squeeze_bs_dim: bool = False,
     loss_indices: Sequence[int] | None = None,
     backend: str | None = None,
+    graphamp_preset: str | None = None,
     **_: Any,
 ) -> str:
     """Trace and compile `model`'s step (forward only with `inference`) into a PEF; return its path.
 
     `config_dict` (default: the arguments `parse_app_args` parsed) gives the PEF's place
-    (`--pef-name`, `--output-folder`, or `-p`) and is recorded in it.
+    (`--pef-name`, `--output-folder`, or `-p`) and is recorded in it. `graphamp_preset` (else
+    `--graphamp-preset`) "mp1" compiles bf16 mixed precision; the PEF records its precision.
     """
     config = dict(config_dict if config_dict is not None else _parsed_config())
     name = name or type(model).__name__
@@ -66,21 +69,25 @@ def compile_pef(
     started = time.perf_counter()
     graphs = {}
     optimizers = [] if inference else optimizer_list(optim)
+    amp = requested_preset(graphamp_preset, config)
     if isinstance(inputs, Mapping):  # several named forward graphs (cached generation: prompt, token)
         inference = True
         for graph_name, graph_inputs in named_graph_inputs(inputs, optimizers).items():
             graphs[graph_name] = _compiled(
-                model, graph_inputs, [], loss_indices, chosen, log, name=graph_name
+                model, graph_inputs, [], loss_indices, chosen, log, graphamp=amp, name=graph_name
             )
     else:
         if optimizers:
             microbatch, split = config.get("microbatch_size"), splits_at_gradients(config)
             graphs["train"] = _compiled(
-                model, inputs, optimizers, loss_indices, chosen, log, microbatch, split
+                model, inputs, optimizers, loss_indices, chosen, log, microbatch, split, amp
             )
-        graphs["inference"] = _compiled(model, inputs, [], loss_indices, chosen, log)
+        graphs["inference"] = _compiled(model, inputs, [], loss_indices, chosen, log, graphamp=amp)
     header = _header(name, chosen, config, pef_metadata, inference, init_output_grads, app_dir)
     main = graphs.get("train", next(iter(graphs.values()))).graph
+    header["precision"] = main.precision
+    for line in compile_notes(main.precision):
+        log.note(line)
     write_pef(path, header, graphs, main.as_text(), key)
     signed = f", signed with {key.source}" if key else ""
     log.note(
@@ -107,11 +114,12 @@ def _compiled(
     log: CompileLog,
     microbatch_size: int | None = None,
     split_at_gradients: bool = False,
+    graphamp: str | None = None,
     name: str | None = None,
 ) -> CompiledGraph:
     kind = "training step" if optimizers else f"'{name}' graph" if name else "inference graph"
     log.note(f"tracing the {kind} of {type(model).__name__}")
-    graph = trace_microbatched(model, inputs, optimizers, microbatch_size, log.note, loss_indices)
+    graph = trace_microbatched(model, inputs, optimizers, microbatch_size, log.note, loss_indices, graphamp)
     executable = Executable.build(graph, backend, split_at_gradients=split_at_gradients)
     if optimizers:
         peak = peak_computed_bytes(executable.programs["step"].module) / 2**20

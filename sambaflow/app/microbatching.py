@@ -23,12 +23,17 @@ def trace_microbatched(
     microbatch_size: int | None,
     note: Callable[[str], None],
     loss_indices: Sequence[int] | None = None,
+    graphamp: str | None = None,
 ) -> TracedGraph:
     """The traced step; with a micro-batch size smaller than the batch, the micro-batched step.
 
     Forward-only graphs are not micro-batched: they keep no activations for a backward.
+    `graphamp` is the GraphAMP preset (trace/precision.py).
     """
-    full = trace_step(model, inputs, optimizers, loss_indices=loss_indices, backward=bool(optimizers))
+    training = bool(optimizers)
+    full = trace_step(
+        model, inputs, optimizers, loss_indices=loss_indices, backward=training, graphamp=graphamp
+    )
     if not microbatch_size or not optimizers:
         return full
     batch = _batch_size(full)
@@ -37,7 +42,7 @@ def trace_microbatched(
         note(f"micro-batch size {microbatch_size} is the whole batch: the step is not split")
         return full
     parts = [_first_part(value, microbatch_size) for value in inputs]
-    micro = trace_step(model, parts, optimizers, loss_indices=loss_indices, backward=True)
+    micro = trace_step(model, parts, optimizers, loss_indices=loss_indices, backward=True, graphamp=graphamp)
     graph, notes = microbatched(full, micro, batch // microbatch_size)
     for line in notes:
         note(line)

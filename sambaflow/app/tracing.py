@@ -13,11 +13,12 @@ from sambaflow.app import run_notes
 from sambaflow.app.args import parsed_args
 from sambaflow.app.backend_choice import choose_backend, requested_backend
 from sambaflow.app.microbatching import trace_microbatched
+from sambaflow.app.precision import preset_for_run, requested_preset
 from sambaflow.backends.counters import debug_level
 from sambaflow.backends.registry import get_backend
 from sambaflow.errors import SambaPefError, SambaTraceError
 from sambaflow.optim.base import SambaOptimizer
-from sambaflow.pef.check import check_matches
+from sambaflow.pef.check import check_matches, check_precision
 from sambaflow.pef.file import PefFile
 from sambaflow.pef.manifest import graph_from_entry
 from sambaflow.pef.schema import GRAPH_NAME
@@ -55,6 +56,7 @@ def trace_graph(
     sign_key: str | None = None,
     microbatch_size: int | None = None,
     grad_accumulation_steps: int | None = None,
+    graphamp_preset: str | None = None,
     **_: Any,
 ) -> list[SambaTensor]:
     """Trace `model` (forward, backward and `optim`'s update) and load it into the session.
@@ -71,22 +73,29 @@ def trace_graph(
     Micro-batching (`microbatch_size`, else the parsed `-mb`) applies where the step is compiled
     here; a PEF keeps the one it was compiled with. Gradient accumulation (`grad_accumulation_steps`,
     else a parsed `--grad-accumulation-steps` other than 1, else the PEF's) applies to whole steps.
+    GraphAMP (`graphamp_preset`, else the parsed `--graphamp-preset`, else the PEF's, else mp0):
+    mp1 traces the forward under bf16 autocast (app/precision.py).
     """
     optimizers = optimizer_list(optim)
     requested = requested_backend(backend)
     pef_file = load_pef(pef, sign_key) if pef else None
     chosen = None if pef_file is not None else choose_backend(requested, progress)
     _say_how_it_runs(pef_file, requested, chosen)
+    preset = preset_for_run(requested_preset(graphamp_preset), pef_file)
     if isinstance(inputs, Mapping):
-        return _trace_named_graphs(model, named_graph_inputs(inputs, optimizers), pef_file, chosen)
+        named = named_graph_inputs(inputs, optimizers)
+        return _trace_named_graphs(model, named, pef_file, chosen, preset)
     if pef_file is not None and optimizers and "train" not in pef_file.kinds:
         progress(f"{pef} is forward-only (compiled with --inference): the optimizer is not used")
         optimizers = []
     if pef_file is None:  # compiled here: with the parsed -mb, micro-batched as a compile would be
         microbatch = microbatch_size or getattr(parsed_args(), "microbatch_size", None)
-        traced = trace_microbatched(model, inputs, optimizers, microbatch, progress, loss_indices)
+        traced = trace_microbatched(model, inputs, optimizers, microbatch, progress, loss_indices, preset)
     else:
-        traced = trace_step(model, inputs, optimizers, loss_indices=loss_indices, backward=bool(optimizers))
+        training = bool(optimizers)
+        traced = trace_step(
+            model, inputs, optimizers, loss_indices=loss_indices, backward=training, graphamp=preset
+        )
     session.trace_count += 1
     if debug_level() >= 3:
         print(traced.as_text(), file=sys.stderr)
@@ -123,13 +132,13 @@ def named_graph_inputs(inputs: Mapping[str, Any], optimizers: Sequence[SambaOpti
 
 
 def _trace_named_graphs(
-    model: nn.Module, inputs: dict[str, Any], pef_file: PefFile | None, chosen: Any
+    model: nn.Module, inputs: dict[str, Any], pef_file: PefFile | None, chosen: Any, preset: str | None
 ) -> dict[str, list[SambaTensor]]:
     """Trace each named forward graph, load them all into the session (one device store: tensors of
     the same name, such as a KV cache, are shared) and return each graph's outputs by name."""
     executables = {}
     for name, graph_inputs in inputs.items():
-        traced = trace_step(model, graph_inputs, [], backward=False)
+        traced = trace_step(model, graph_inputs, [], backward=False, graphamp=preset)
         session.trace_count += 1
         executables[name] = (
             _from_pef(pef_file, traced, False, kind=name)
@@ -193,12 +202,14 @@ _warned_unsigned: set[str] = set()
 def _from_pef(pef: PefFile, traced: TracedGraph, training: bool, kind: str | None = None) -> Executable:
     path = pef.path
     kind = kind or ("train" if training else "inference")
+    check_precision(traced, pef.manifest["precision"], path)
     check_matches(traced, pef.entry(kind), path, pef.manifest.get("compile_args", {}))
     backend = _backend_for(pef, path)
     programs = {name: pef.program(kind, name) for name in pef.entry(kind)["programs"]}
     binaries = {name: pef.binary(kind, name) for name in programs}
     # The app's own trace matched the PEF's fingerprint: it is the graph the programs came from.
     graph = graph_from_entry(pef.entry(kind), traced.module)
+    graph.precision = traced.precision
     return Executable.from_binaries(graph, backend, programs, binaries)
 
 

@@ -69,6 +69,7 @@ def microbatched(full: TracedGraph, micro: TracedGraph, count: int) -> tuple[Tra
         full.loss_names,
         full.hyper_defaults,
         full.baked,
+        full.precision,
         origin=full,
     )
     size = next(s.shape[s.batch_dim] for s in micro.inputs if s.role == INPUT and s.batch_dim is not None)

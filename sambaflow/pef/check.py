@@ -7,6 +7,7 @@ from typing import Any
 from sambaflow.errors import SambaPefError
 from sambaflow.pef.manifest import fingerprint, spec_from_json
 from sambaflow.trace.graph import HYPER, INPUT, OUTPUT, PARAM, STATE, TensorSpec, TracedGraph
+from sambaflow.trace.precision import MIXED, describe
 
 
 def check_matches(
@@ -101,3 +102,27 @@ def _role_differences(
         if a.dtype != b.dtype:
             problems.append(f"{what}: '{name}' is {a.dtype} in the PEF, {b.dtype} in the app")
     return problems
+
+
+def check_precision(traced: TracedGraph, compiled: str, path: str) -> None:
+    """Refuse a PEF compiled in another precision than the app traces now, saying how to match it.
+
+    Checked before `check_matches`: a precision change alters every dtype and the fingerprint, and
+    this one line says why.
+    """
+    if traced.precision == compiled:
+        return
+    if compiled == MIXED:
+        hint = "drop --graphamp-preset mp0 / graphamp_preset='mp0' (the PEF's mp1 is then used)"
+    elif traced.precision == MIXED:
+        hint = "drop --graphamp-preset mp1 / graphamp_preset='mp1' (this PEF is not mixed precision)"
+    else:
+        hint = (
+            f"give the model {compiled} parameters as at compile time (model.bfloat16() / "
+            "model.float(), or the torch_dtype= of from_pretrained / from_config)"
+        )
+    raise SambaPefError(
+        f"'{path}' was compiled in precision {describe(compiled)}; the app now traces "
+        f"{describe(traced.precision)}. To run it, {hint}; or recompile the PEF from the app "
+        "as it is now."
+    )

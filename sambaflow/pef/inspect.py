@@ -14,6 +14,7 @@ from sambaflow.pef.codec import dtype_from_name
 from sambaflow.pef.file import PefFile
 from sambaflow.pef.sign import KEY_ENV, TRUST_NOTE, key_path, load_key
 from sambaflow.trace.graph import SECTION_ORDER
+from sambaflow.trace.precision import describe as describe_precision
 
 PROGRAM_ORDER = ["step", *SECTION_ORDER, *(name for name, _ in SPLIT_AT_GRADIENTS)]
 
@@ -86,6 +87,7 @@ def describe(path: str) -> str:
         f"{producer['torch']}, python {producer['python']}",
         f"  target: backend {m['target']['backend']} on {m['target']['device']}; "
         f"inference-only: {m['inference']}",
+        f"  precision: {describe_precision(m['precision'])}",
     ]
     lines += trust_lines(pef)
     args = m["compile_args"]

@@ -11,7 +11,8 @@ from sambaflow.trace.graph import TensorSpec, TracedGraph
 
 FORMAT = "sambaflow-pef"
 #: 2: members record sizes, the manifest its own checksum, graph members their programs' wiring.
-FORMAT_VERSION = 2
+#: 3: the manifest records the step's precision (fp32, bf16, bf16-mixed: trace/precision.py).
+FORMAT_VERSION = 3
 
 
 def spec_to_json(spec: TensorSpec) -> dict[str, Any]:

@@ -96,6 +96,7 @@ MANIFEST = {
     "pef_metadata": dict,
     "inference": bool,
     "init_output_grads": bool,
+    "precision": str,
     "app_dir": Optional(str),
     # `train` and `inference`, or an app's own graph names (`prompt` and `token` for cached generation)
     "graphs": MapOf(GRAPH, Matching(GRAPH_NAME, "a graph name (letters, digits, _ and -)")),

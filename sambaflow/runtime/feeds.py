@@ -109,6 +109,14 @@ def _pairs(given: Any, specs: list[TensorSpec]) -> list[tuple[str, Any]]:
 def _checked(value: Any, spec: TensorSpec, what: str) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise SambaRunError(f"{what} '{spec.name}': expected a tensor, got {type(value).__name__}")
+    if tuple(value.shape) == spec.shape and value.dtype != spec.dtype:
+        # Not cast silently: a bf16 graph fed fp32 (or the reverse) is a precision the app did not
+        # compile, and casting would hide it.
+        raise SambaRunError(
+            f"{what} '{spec.name}': the graph was compiled for {spec.dtype}, given {value.dtype} "
+            f"(shape {list(spec.shape)} matches). Feed {spec.dtype} tensors, e.g. "
+            f"{_cast_hint(spec.dtype)}, or recompile with inputs of this dtype."
+        )
     if tuple(value.shape) != spec.shape or value.dtype != spec.dtype:
         raise SambaRunError(
             f"{what} '{spec.name}': the graph was compiled for shape {list(spec.shape)} {spec.dtype}, "
@@ -117,6 +125,20 @@ def _checked(value: Any, spec: TensorSpec, what: str) -> torch.Tensor:
         )
     # SambaTensors go to the backends as they are: their torch-function override is disabled.
     return value.detach() if value.requires_grad else value
+
+
+_CASTS = {
+    torch.bfloat16: "bfloat16",
+    torch.float32: "float",
+    torch.float16: "half",
+    torch.int64: "long",
+    torch.int32: "int",
+}
+
+
+def _cast_hint(dtype: torch.dtype) -> str:
+    method = _CASTS.get(dtype)
+    return f"x.{method}()" if method else f"x.to({dtype})"
 
 
 def check_seed(value: Any, spec: TensorSpec) -> torch.Tensor:

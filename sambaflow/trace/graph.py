@@ -58,6 +58,8 @@ class TracedGraph:
     loss_names: list[str] = field(default_factory=list)
     hyper_defaults: dict[str, float] = field(default_factory=dict)
     baked: list[str] = field(default_factory=list)
+    #: what a PEF records: fp32, bf16, bf16-mixed (GraphAMP mp1), ... (trace/precision.py)
+    precision: str = "fp32"
     #: the app's trace this graph was made from by a pass (micro-batching): PEFs record and match
     #: the app's trace, which the app makes anew at run time
     origin: TracedGraph | None = None

@@ -11,6 +11,7 @@ from torch import nn
 from sambaflow.errors import SambaTraceError
 from sambaflow.optim.base import SambaOptimizer, hyper_name, state_name
 from sambaflow.tensors.model import buffer_name
+from sambaflow.trace.precision import check_preset
 
 
 @dataclass
@@ -25,6 +26,8 @@ class StepPlan:
     backward: bool
     #: forward's positional arguments: an input's name, or None where the app passed None
     slots: list[str | None] = field(default_factory=list)
+    #: GraphAMP preset the forward is traced with (trace/precision.py)
+    graphamp: str = "mp0"
     states: list[tuple[str, torch.Tensor]] = field(default_factory=list)
     unused: set[str] = field(default_factory=set)
 
@@ -111,7 +114,11 @@ class StepPlan:
 
 
 def make_plan(
-    model: nn.Module, inputs: Sequence[torch.Tensor], optimizers: Sequence[SambaOptimizer], backward: bool
+    model: nn.Module,
+    inputs: Sequence[torch.Tensor],
+    optimizers: Sequence[SambaOptimizer],
+    backward: bool,
+    graphamp: str | None = None,
 ) -> StepPlan:
     if not isinstance(model, nn.Module):
         raise SambaTraceError(f"trace_graph expects an nn.Module as model, got {type(model).__name__}")
@@ -123,7 +130,8 @@ def make_plan(
         buffers.append((name, buffer.detach()))
     _check_optimizers(optimizers, params)
     named, slots = _named_inputs(inputs)
-    return StepPlan(named, params, buffers, paths, list(optimizers), backward, slots)
+    preset = check_preset(graphamp)
+    return StepPlan(named, params, buffers, paths, list(optimizers), backward, slots, graphamp=preset)
 
 
 def _named_parameters(model: nn.Module) -> tuple[list[tuple[str, torch.Tensor]], dict[str, str]]:

@@ -41,6 +41,7 @@ from sambaflow.trace.graph import (
 from sambaflow.trace.hooks import DropoutAsInput, DropoutSite, ModuleWatch, watching_modules
 from sambaflow.trace.locate import records_sources, trace_error
 from sambaflow.trace.plan import StepPlan, make_plan
+from sambaflow.trace.precision import autocast_for, precision_name
 
 
 @dataclass
@@ -59,9 +60,14 @@ def trace_step(
     *,
     loss_indices: Sequence[int] | None = None,
     backward: bool = True,
+    graphamp: str | None = None,
 ) -> TracedGraph:
-    """Trace one whole step of `model` on `inputs`; forward only when `backward` is False."""
-    plan = make_plan(model, inputs, optimizers, backward)
+    """Trace one whole step of `model` on `inputs`; forward only when `backward` is False.
+
+    `graphamp` "mp1" traces the forward under bf16 autocast (trace/precision.py); backward and
+    the optimizer update run outside it, as in eager autocast training.
+    """
+    plan = make_plan(model, inputs, optimizers, backward, graphamp)
     probe = _probe_forward(model, plan)
     loss_names = _loss_names(probe, loss_indices)
     specs = _input_specs(plan, probe, backward)
@@ -80,7 +86,8 @@ def trace_step(
     module.graph.eliminate_dead_code()
     module.recompile()
     defaults = {s.name: s.p for s in probe.dropout_sites} | plan.hyper_defaults()
-    return TracedGraph(module, specs, outputs, sections, loss_names, defaults, plan.baked())
+    precision = precision_name(plan.graphamp, [t for _, t in plan.params], [t for _, t in plan.inputs])
+    return TracedGraph(module, specs, outputs, sections, loss_names, defaults, plan.baked(), precision)
 
 
 def _probe_forward(model: nn.Module, plan: StepPlan) -> ForwardProbe:
@@ -89,7 +96,7 @@ def _probe_forward(model: nn.Module, plan: StepPlan) -> ForwardProbe:
         values = {n: mode.from_tensor(t).requires_grad_(t.requires_grad) for n, t in plan.named_state()}
         args = {n: mode.from_tensor(t).requires_grad_(t.requires_grad) for n, t in plan.inputs}
     try:
-        with mode, library_calls(model, lambda s: s.p) as (watch, drop):
+        with mode, library_calls(model, lambda s: s.p) as (watch, drop), _autocast(plan):
             result = functional_call(model, values, plan.call_args(args))
     except Exception as exc:
         raise trace_error(exc, type(model).__name__) from None
@@ -162,7 +169,7 @@ def _step_function(
     def step(*flat: torch.Tensor) -> list[torch.Tensor]:
         named = {spec.name: value for spec, value in zip(specs, flat)}
         state = {plan.paths[n]: named[n] for n, _ in plan.params + plan.buffers}
-        with library_calls(model, lambda s: named[s.name]):
+        with library_calls(model, lambda s: named[s.name]), _autocast(plan):
             outputs = pytree.tree_leaves(functional_call(model, state, plan.call_args(named)))
         marks.append(_node_count())
         if not plan.backward:
@@ -179,6 +186,10 @@ def library_calls(model: nn.Module, probability: Any) -> Iterator[tuple[ModuleWa
     with looks_compiled(), watching_modules(model) as watch, DropoutAsInput(watch, probability) as drop:
         with IndexCasts():
             yield watch, drop
+
+
+def _autocast(plan: StepPlan) -> Any:
+    return autocast_for(plan.graphamp, [t for _, t in plan.params + plan.inputs])
 
 
 def _node_count() -> int:
