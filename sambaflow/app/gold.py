@@ -41,7 +41,8 @@ ABSOLUTE_TOLERANCE = 1e-6
 def test_against_cpu(model: nn.Module, inputs: Sequence[torch.Tensor], tolerance: float = 1e-4) -> bool:
     """Print one line per tensor (name, max abs and rel error, PASS/FAIL); True when all pass."""
     graph = session.executable.graph
-    gold = copy.deepcopy(model)  # the host weights the device was loaded with
+    gold = copy.deepcopy(model)
+    session.to_cpu(gold)  # the device's weights, whether or not the host model shares their memory
     _dropout_off(gold)
     training = "bckwd" in graph.sections
     no_dropout = {s.name: 0.0 for s in graph.inputs_with_role(HYPER) if s.name.endswith("__p")}
