@@ -1,9 +1,12 @@
 """The session: a device tensor store by name, and runs of whole steps or single sections.
 
 The store is the "device memory": weights, optimizer state, hyperparameters, gradients and the
-activations one section leaves for the next. It is separate from the host model, which changes
-only on `to_cpu`. A run checks every argument before it touches the store, and stages results
-so an error cannot leave the store half-updated.
+activations one section leaves for the next. Where the device is the CPU it holds the host
+model's weights as their own memory, not a copy (`to_rdu`), and the programs update them in
+place: between `to_rdu` and `to_cpu` the host tensors may already show the device's values. Apps
+still read host weights after `to_cpu` and push changed ones with `to_rdu` (a GPU keeps copies).
+A run checks every argument before it touches the store, and stages results so an error cannot
+leave the store half-updated.
 """
 
 from __future__ import annotations
