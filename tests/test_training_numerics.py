@@ -7,8 +7,6 @@ exists; the comment at each says which."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -338,26 +336,9 @@ def test_per_sample_loss_seeded_each_step_runs_the_fused_step(tol):
         assert rel_err(got.sn_grad, want.grad) < tol
 
 
-# the session's copies (to_rdu, to_cpu); compiled in-place updates of the store:
+# to_rdu / to_cpu and the host memory the store shares: test_weights_once.py (reference backend),
+# test_to_rdu_pushes_host_weights_the_app_rebound; compiled in-place updates of that memory:
 # test_step_updates_parameters_in_place[inductor]
-@reference_only
-def test_host_model_unchanged_until_to_cpu():
-    _, model = make_pair(lambda: ResFFNLogReg(64, 32, 10))
-    before = copy.deepcopy(model.state_dict())
-    outs = utils.trace_graph(
-        model, named_inputs(["x", "y"], mnist_like(64)()), samba.optim.SGD(model.parameters(), lr=0.5)
-    )
-    for _ in range(3):
-        samba.session.run(named_inputs(["x", "y"], mnist_like(64)()), outs)
-    for name, value in model.state_dict().items():
-        assert torch.equal(value, before[name]), f"{name} changed before to_cpu"
-    samba.session.to_cpu(model)
-    device = samba.session.get_tensors_by_name([p.sn_name for p in model.parameters()])
-    for param, on_device in zip(model.parameters(), device):
-        assert torch.equal(param.detach(), on_device.torch())
-    assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    loss, _ = model(*mnist_like(64)())  # the host model still runs in plain eager PyTorch
-    assert torch.isfinite(loss)
 
 
 # the graph's sections; compiled forward-only graphs: test_gpt2.py, test_apps_e2e.py
@@ -392,7 +373,8 @@ def test_optimizer_state_dict_round_trip_in_torch_format():
 
 
 def test_step_updates_parameters_in_place():
-    """A step writes new weights and momenta into the device tensors: no new parameter memory."""
+    """A step writes new weights and momenta into the device tensors: no new parameter memory. On
+    the CPU the weights are the host parameters' own memory, so the host sees them before to_cpu."""
     _, model = make_pair(lambda: ResFFNLogReg(64, 32, 10))
     optim = samba.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     outs = utils.trace_graph(model, named_inputs(["x", "y"], mnist_like(64)()), optim)
@@ -406,22 +388,27 @@ def test_step_updates_parameters_in_place():
     for name in names:
         assert store[name].data_ptr() == before[name][0], f"{name} was reallocated"
         assert not torch.equal(store[name], before[name][1]), f"{name} did not change"
+    for param in model.parameters():
+        assert store[param.sn_name].data_ptr() == param.data_ptr(), f"{param.sn_name} is a copy"
 
 
-def test_to_rdu_pushes_host_weights():
+def test_to_rdu_pushes_host_weights_the_app_rebound():
+    """`param.data = new` then to_rdu: the device runs on the new values (and, on the CPU, holds
+    the new tensor itself); before to_rdu it still ran on the old ones."""
     reference, model = make_pair(lambda: ResFFNLogReg(64, 32, 10))
     batch = mnist_like(64)()
     outs = utils.trace_graph(
         model, named_inputs(["x", "y"], batch), samba.optim.SGD(model.parameters(), lr=0.1)
     )
-    with torch.no_grad():
-        for param in list(model.parameters()) + list(reference.parameters()):
-            param.mul_(0.5)
+    for param, ref in zip(model.parameters(), reference.parameters()):
+        param.data = param.detach() * 0.5
+        ref.data = ref.detach() * 0.5
     stale, _ = samba.session.run(named_inputs(["x", "y"], batch), outs, section_types=["fwd"])
     samba.session.to_rdu(model)
     fresh, _ = samba.session.run(named_inputs(["x", "y"], batch), outs, section_types=["fwd"])
     want, _ = reference(*batch)
     assert rel_err(fresh, want) < current_tolerance() and rel_err(stale, want) > 1e-3
+    assert all(samba.session.store[p.sn_name].data_ptr() == p.data_ptr() for p in model.parameters())
 
 
 def test_batchnorm_running_statistics_follow_eager():

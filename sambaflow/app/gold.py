@@ -77,7 +77,8 @@ def test_against_cpu(
     low = is_low_precision(graph.precision)
     if tolerance is None:
         tolerance = BF16_TOLERANCE if low else FP32_TOLERANCE
-    gold = copy.deepcopy(model)  # the host weights the device was loaded with
+    gold = copy.deepcopy(model)
+    session.to_cpu(gold)  # the device's weights, whether or not the host model shares their memory
     _dropout_off(gold)
     training = "bckwd" in graph.sections
     no_dropout = {s.name: 0.0 for s in graph.inputs_with_role(HYPER) if s.name.endswith("__p")}

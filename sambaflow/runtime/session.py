@@ -1,9 +1,12 @@
 """The session: a device tensor store by name, and runs of whole steps or single sections.
 
 The store is the "device memory": weights, optimizer state, hyperparameters, gradients and the
-activations one section leaves for the next. It is separate from the host model, which changes
-only on `to_cpu`. A run checks every argument before it touches the store, and stages results
-so an error cannot leave the store half-updated.
+activations one section leaves for the next. Where the device is the CPU it holds the host
+model's weights as their own memory, not a copy (`to_rdu`), and the programs update them in
+place: between `to_rdu` and `to_cpu` the host tensors may already show the device's values. Apps
+still read host weights after `to_cpu` and push changed ones with `to_rdu` (a GPU keeps copies).
+A run checks every argument before it touches the store, and stages results so an error cannot
+leave the store half-updated.
 """
 
 from __future__ import annotations
@@ -139,14 +142,19 @@ class Session:
 
     # --- host <-> device ------------------------------------------------------------------------
     def to_rdu(self, model: nn.Module, optimizers: Sequence[SambaOptimizer] | None = None) -> None:
-        """Copy host weights (and optimizer state and settings) into the device store."""
+        """Move host weights (and optimizer state and settings) into the device store.
+
+        Where the device is the CPU, a parameter or buffer is stored as its own memory, not a
+        copy (`_device_tensor`): the programs then update the host tensor in place. Each call looks
+        again, so a tensor the app rebound (`param.data = new`) is shared or copied anew."""
         graph = self._require_graph("to_rdu")
-        wanted = {s.name for s in graph.inputs_with_role(PARAM, BUFFER, STATE)}
+        specs = {s.name: s for s in graph.inputs_with_role(PARAM, BUFFER, STATE)}
+        shared = set() if _runs_on_cpu(graph) else None  # storages already in the store
         for name, tensor in _host_tensors(model):
-            if name in wanted:
-                self.store[name] = tensor.detach().as_subclass(torch.Tensor).clone()
+            if name in specs:
+                self.store[name] = _device_tensor(tensor, specs[name], shared)
         for opt in optimizers if optimizers is not None else self.optimizers:
-            self._optimizer_to_rdu(opt, wanted)
+            self._optimizer_to_rdu(opt, set(specs))
 
     def _optimizer_to_rdu(self, opt: SambaOptimizer, wanted: set[str]) -> None:
         index = self.optimizers.index(opt) if opt in self.optimizers else 0
@@ -167,12 +175,14 @@ class Session:
     def to_cpu(
         self, model: nn.Module, optimizers: Sequence[SambaOptimizer] | SambaOptimizer | None = None
     ) -> None:
-        """Copy device weights (and, given optimizers, their state) back into the host objects."""
+        """Copy device weights (and, given optimizers, their state) back into the host objects;
+        a host tensor the store holds as its own memory (`to_rdu`) has the device's values already."""
         self._require_graph("to_cpu")
         with torch.no_grad():
             for name, tensor in _host_tensors(model):
-                if name in self.store:
-                    tensor.copy_(self.store[name])
+                stored = self.store.get(name)
+                if stored is not None and not _same_memory(stored, tensor):
+                    tensor.copy_(stored)
         if isinstance(optimizers, SambaOptimizer):
             optimizers = [optimizers]
         for opt in optimizers or []:
@@ -417,6 +427,57 @@ def _host_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     tensors = [(p.sn_name, p) for p in model.parameters() if getattr(p, "sn_name", None)]
     tensors += [(buffer_name(path), b) for path, b in model.named_buffers()]
     return tensors
+
+
+def _runs_on_cpu(graph: Any) -> bool:
+    """Whether the graph's tensors live in host memory: the device is the CPU (the reference
+    backend, Inductor's C++), not a GPU. Traced placeholders carry a fake tensor; a graph read
+    from a PEF names the device."""
+    placeholders = [n for n in graph.module.graph.nodes if n.op == "placeholder"]
+    values = [n.meta.get("val") for n in placeholders]
+    devices = {n.meta.get("device") or v.device.type for n, v in zip(placeholders, values) if v is not None}
+    return devices <= {"cpu"}
+
+
+def _device_tensor(tensor: torch.Tensor, spec: TensorSpec, shared: set[int] | None) -> torch.Tensor:
+    """What the store holds for host tensor `tensor`: its own memory as a plain tensor (no
+    autograd, no subclass) where the device is the CPU and the programs can write into it in
+    place; else a copy, as a separate device's memory would be. `shared` (None off the CPU) holds
+    the storages stored so far: programs update each stored tensor in place, so two must never
+    share memory (tied weights are one parameter, so one entry)."""
+    plain = tensor.detach().as_subclass(torch.Tensor)
+    if shared is None or not _shareable(plain, spec):
+        return plain.clone()
+    storage = plain.untyped_storage().data_ptr()
+    if storage in shared:
+        return plain.clone()
+    shared.add(storage)
+    return plain
+
+
+def _shareable(tensor: torch.Tensor, spec: TensorSpec) -> bool:
+    """A dense host tensor of the graph's shape and dtype that in-place writes may change
+    (inference-mode tensors refuse them outside inference mode)."""
+    return (
+        tensor.device.type == "cpu"
+        and tensor.layout == torch.strided
+        and tensor.dtype == spec.dtype
+        and tuple(tensor.shape) == tuple(spec.shape)
+        and tensor.numel() > 0
+        and tensor.is_contiguous()
+        and not (tensor.is_inference() or tensor.is_conj() or tensor.is_neg())
+    )
+
+
+def _same_memory(stored: torch.Tensor, tensor: torch.Tensor) -> bool:
+    """Whether the store holds `tensor`'s own memory (so there is nothing to copy back)."""
+    return (
+        stored.data_ptr() == tensor.data_ptr()
+        and stored.device == tensor.device
+        and stored.dtype == tensor.dtype
+        and stored.shape == tensor.shape
+        and stored.stride() == tensor.stride()
+    )
 
 
 def _explicit_seeds(
