@@ -19,7 +19,7 @@ from sambaflow.app.microbatching import trace_microbatched
 from sambaflow.app.progress_line import ProgramProgress
 from sambaflow.app.run_notes import threads_metadata
 from sambaflow.app.tracing import optimizer_list, progress, splits_at_gradients
-from sambaflow.atomic import atomic_write
+from sambaflow.atomic import atomic_write, check_writable, reported_as
 from sambaflow.passes.memory import peak_computed_bytes
 from sambaflow.pef.file import CompiledGraph, write_pef
 from sambaflow.pef.sign import key_path, load_key
@@ -59,6 +59,7 @@ def compile_pef(
     name = name or type(model).__name__
     inference = bool(inference or config.get("inference"))
     path = pef_path_for(name, config, inference)
+    check_writable(path, "the PEF")  # a folder, a read-only place: say so before a long compile
     key = load_key(key_path(config.get("sign_key")))  # a bad key file fails before a long compile
     log = CompileLog(path)
     chosen = choose_backend(backend or config.get("backend"), log.note)
@@ -71,7 +72,8 @@ def compile_pef(
     graphs["inference"] = _compiled(model, inputs, [], loss_indices, chosen, log)
     header = _header(name, chosen, config, pef_metadata, inference, init_output_grads, app_dir)
     main = graphs.get("train", graphs["inference"]).graph
-    write_pef(path, header, graphs, main.as_text(), key)
+    with reported_as(path, "the PEF"):  # a full disk: one line naming the file
+        write_pef(path, header, graphs, main.as_text(), key)
     signed = f", signed with {key.source}" if key else ""
     log.note(
         f"wrote {path} ({os.path.getsize(path) / 1024:.0f} KiB{signed}) in "
@@ -191,7 +193,8 @@ class CompileLog:
         report += [f"run-time hyperparameters: {graph.hyper_defaults}"]
         for line in unused:
             progress(f"note: {line}")
-        with atomic_write(self.path) as handle:  # concurrent compiles each leave a whole log
+        with reported_as(self.path, "the compile log"), atomic_write(self.path) as handle:
+            # concurrent compiles each leave a whole log
             handle.write(("\n".join(self.lines + report) + "\n").encode())
 
 

@@ -22,6 +22,7 @@ from typing import Any, BinaryIO
 
 import torch
 
+from sambaflow.backends.inductor.scratch import private_folder
 from sambaflow.passes.sections import SectionProgram
 
 
@@ -90,9 +91,13 @@ def serve(tasks: BinaryIO, results: BinaryIO) -> None:
 
 
 def main() -> None:
-    # Ctrl-C reaches the whole process group: the parent stops and kills its workers, so a worker
-    # need not print a traceback of its own.
+    # Ctrl-C is the parent's to handle (it stops its workers, parallel._stop); SIGTERM from it
+    # ends this worker through SystemExit, so its temporary folders are removed on the way out.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    # The C++ compiler's temporary files go to this worker's private folder, which is removed
+    # however the worker ends (at exit, or by the next process after a kill -9).
+    os.environ["TMPDIR"] = str(private_folder())
     # Results go out on the original stdout; anything Inductor or the C++ compiler prints goes to
     # stderr, so it cannot corrupt them.
     results = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
