@@ -22,7 +22,7 @@ from sambaflow.app.tracing import optimizer_list, progress, splits_at_gradients
 from sambaflow.atomic import atomic_write, check_writable, reported_as
 from sambaflow.passes.memory import peak_computed_bytes
 from sambaflow.pef.file import CompiledGraph, write_pef
-from sambaflow.pef.sign import key_path, load_key
+from sambaflow.pef.sign import key_path, load_key, user_key
 from sambaflow.runtime.executable import Executable
 
 
@@ -61,6 +61,7 @@ def compile_pef(
     path = pef_path_for(name, config, inference)
     check_writable(path, "the PEF")  # a folder, a read-only place: say so before a long compile
     key = load_key(key_path(config.get("sign_key")))  # a bad key file fails before a long compile
+    key = key or user_key(create=True)  # your own PEFs then load without a warning
     log = CompileLog(path)
     chosen = choose_backend(backend or config.get("backend"), log.note)
     started = time.perf_counter()

@@ -19,7 +19,7 @@ from sambaflow.optim.base import SambaOptimizer
 from sambaflow.pef.check import check_matches
 from sambaflow.pef.file import PefFile
 from sambaflow.pef.manifest import graph_from_entry
-from sambaflow.pef.sign import TRUST_NOTE, key_path, load_key
+from sambaflow.pef.sign import TRUST_NOTE, key_path, load_key, user_key
 from sambaflow.runtime.executable import Executable
 from sambaflow.runtime.session import session
 from sambaflow.tensors.sambatensor import SambaTensor
@@ -139,10 +139,11 @@ def _say_how_it_runs(pef_file: PefFile | None, requested: Any, chosen: Any) -> N
 def load_pef(path: str, sign_key: str | None = None) -> PefFile:
     """The verified PEF; says once per file when it holds native code no signature vouches for."""
     explicit = sign_key or getattr(parsed_args(), "sign_key", None)
-    pef = PefFile(path, load_key(key_path(explicit)))
+    key = load_key(key_path(explicit))
+    pef = PefFile(path, key, None if key else user_key())  # your own PEFs are checked, then trusted
     if pef.binary_members and not pef.verified and path not in _warned_unsigned:
         _warned_unsigned.add(path)
-        state = "signed but not verified (no key configured)" if pef.signed else "unsigned"
+        state = "signed with another user's or machine's key" if pef.signed else "unsigned"
         progress(f"warning: '{path}' is {state} and holds native code. {TRUST_NOTE}")
     return pef
 
