@@ -185,6 +185,11 @@ def test_ffn_app_bad_paths_and_checkpoints_end_in_one_line(ffn_pef, tmp_path):
         "garbage": start(*run, "--load-checkpoint", "garbage.pt", cwd=tmp_path),
         "other model": start(*run, "--load-checkpoint", "other.pt", cwd=tmp_path),
         "compile -p folder": start("compile", *SMALL, "-p", str(tmp_path), cwd=tmp_path),
+        "huge batch": start("compile", "-b", "50000000", "-p", "x.pef", cwd=tmp_path),
+        # the inputs fit in 10 MiB; the step's gradients and updated weights (2048 wide) do not
+        "huge step": start(
+            "run", "-b", "16", "--hidden-size", "2048", cwd=tmp_path, SAMBAFLOW_MEMORY_LIMIT="10M"
+        ),
     }
     one_error_line(cases["folder"], f"--save-checkpoint '{tmp_path}': that is a folder")
     one_error_line(cases["no folder"], "'/dev/null/losses.json': a part of that path is a file")
@@ -192,6 +197,16 @@ def test_ffn_app_bad_paths_and_checkpoints_end_in_one_line(ffn_pef, tmp_path):
     one_error_line(cases["garbage"], "checkpoint 'garbage.pt' is damaged")
     one_error_line(cases["other model"], "checkpoint 'other.pt' was saved from another model")
     one_error_line(cases["compile -p folder"], f"the PEF '{tmp_path}': that is a folder")
+    one_error_line(
+        cases["huge batch"], "tensor 'image' of shape [50000000, 784] float32 needs 146.0 GiB", "-mb"
+    )
+    one_error_line(cases["huge step"], "one step (its computed tensors at their peak", "MiB", "-b", "-mb")
+
+
+def test_ffn_app_compile_into_a_read_only_folder_says_so_before_compiling(read_only):
+    proc = start("compile", *SMALL, "--output-folder", str(read_only / "out"), cwd=read_only)
+    err = one_error_line(proc, f"could not write the PEF '{read_only}/out/", "read-only file system")
+    assert "choose a writable folder" in err
 
 
 def test_ffn_app_compile_on_a_full_disk_names_the_pef(full_disk):

@@ -15,7 +15,9 @@ from sambaflow.app.microbatching import trace_microbatched
 from sambaflow.backends.base import get_backend
 from sambaflow.backends.counters import debug_level
 from sambaflow.errors import SambaPefError
+from sambaflow.host_memory import check_fits
 from sambaflow.optim.base import SambaOptimizer
+from sambaflow.passes.memory import peak_computed_bytes
 from sambaflow.pef.check import check_matches
 from sambaflow.pef.file import PefFile
 from sambaflow.pef.manifest import graph_from_entry
@@ -96,9 +98,23 @@ def trace_graph(
         progress(
             f"gradient accumulation: each run adds its gradients; the weights update once every {steps} runs"
         )
+    check_step_fits(executable)
     outputs = session.load(executable, model, optimizers, init_output_grads, steps)
     model.output_tensors = outputs
     return outputs
+
+
+def check_step_fits(executable: Executable) -> None:
+    """Refuse, before the first step, a step whose computed tensors cannot fit in host memory (a
+    graph estimate, passes/memory.py), instead of an allocation failure or the OOM killer mid-step."""
+    step = executable.programs.get("step")
+    on_host = str(getattr(executable.backend, "device", "cpu")).startswith("cpu")
+    if step is not None and on_host:
+        check_fits(
+            peak_computed_bytes(step.module),
+            "one step (its computed tensors at their peak, estimated from the graph)",
+            "use a smaller batch (-b), or compile with micro-batches (-mb) of a size that fits",
+        )
 
 
 def splits_at_gradients(settings: dict[str, Any]) -> bool:
