@@ -267,6 +267,17 @@ def test_compile_signs_with_the_users_own_key_made_on_first_use(own_pef, capsys)
     )
 
 
+def test_a_second_key_maker_keeps_the_first_key(tmp_path, monkeypatch):
+    """Two first compiles at once: the key linked first stays, and both sign with it."""
+    from sambaflow.pef.sign import _create_key
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    _create_key(user_key_path())
+    first = user_key().secret
+    _create_key(user_key_path())
+    assert user_key().secret == first and os.listdir(tmp_path / "sambaflow") == ["pef.key"]
+
+
 @pytest.fixture
 def own_native_pef(inductor_pef, tmp_path):
     """The native PEF as this user's compile writes it: signed with their own key."""
