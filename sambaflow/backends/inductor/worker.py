@@ -22,7 +22,6 @@ from typing import Any, BinaryIO
 
 import torch
 
-from sambaflow.backends.inductor.scratch import private_folder
 from sambaflow.passes.sections import SectionProgram
 
 
@@ -95,9 +94,6 @@ def main() -> None:
     # ends this worker through SystemExit, so its temporary folders are removed on the way out.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    # The C++ compiler's temporary files go to this worker's private folder, which is removed
-    # however the worker ends (at exit, or by the next process after a kill -9).
-    os.environ["TMPDIR"] = str(private_folder())
     # Results go out on the original stdout; anything Inductor or the C++ compiler prints goes to
     # stderr, so it cannot corrupt them.
     results = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
