@@ -14,7 +14,6 @@ Data parallel (one PEF, any number of replicas; each takes its own shard and -b 
 With no --data-dir it trains on scikit-learn's digits (resized to 28x28); with --data-dir, on MNIST.
 """
 
-import json
 import sys
 
 import torch
@@ -26,7 +25,7 @@ import sambaflow
 import sambaflow.samba.utils as utils
 from sambaflow import samba
 from sambaflow.app import datasets
-from sambaflow.samba.utils.argparser import parse_app_args
+from sambaflow.samba.utils.argparser import parse_app_args, positive_int
 from sambaflow.samba.utils.common import common_app_driver
 
 
@@ -74,13 +73,19 @@ def add_args(parser) -> None:
     parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
     parser.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay (default: 1e-4)")
     parser.add_argument(
-        "--num-features", type=int, default=784, help="input features per sample (default: 784, 28x28)"
+        "--num-features",
+        type=positive_int,
+        default=784,
+        help="input features per sample (default: 784, 28x28)",
     )
     parser.add_argument(
-        "--hidden-size", type=int, default=256, help="width of the hidden layers (default: 256)"
+        "--hidden-size", type=positive_int, default=256, help="width of the hidden layers (default: 256)"
     )
     parser.add_argument(
-        "--num-classes", type=int, default=10, help="output classes; labels must be 0..N-1 (default: 10)"
+        "--num-classes",
+        type=positive_int,
+        default=10,
+        help="output classes; labels must be 0..N-1 (default: 10)",
     )
 
 
@@ -140,18 +145,11 @@ def train(args, model: nn.Module, optim, first_epoch: int = 0) -> None:
     if not is_rank_0():
         return
     evaluate(model, x_test, y_test)
-    if args.save_checkpoint:
-        torch.save(
-            {
-                "model": model.state_dict(),
-                "optimizer": optim.state_dict(),
-                "completed_epochs": args.num_epochs,
-            },
-            args.save_checkpoint,
-        )
+    if args.save_checkpoint:  # atomic: a kill or a full disk leaves the previous one whole
+        checkpoint = {"model": model.state_dict(), "optimizer": optim.state_dict()}
+        samba.save(checkpoint | {"completed_epochs": args.num_epochs}, args.save_checkpoint)
     if args.log_losses:
-        with open(args.log_losses, "w") as handle:
-            json.dump(losses, handle)
+        samba.save_json(losses, args.log_losses)
 
 
 def evaluate(model: nn.Module, x_test: torch.Tensor, y_test: torch.Tensor) -> None:
@@ -197,12 +195,13 @@ def main(argv: list[str]) -> None:
     )
 
     if args.command == "run":
+        # refuse now, not after training, a path the results could not be written to
+        samba.check_output_path(args.save_checkpoint, "--save-checkpoint")
+        samba.check_output_path(args.log_losses, "--log-losses")
         first_epoch = 0
         if args.load_checkpoint:  # load into the host model before tracing moves it to the device
-            checkpoint = torch.load(args.load_checkpoint)
-            model.load_state_dict(checkpoint["model"])
-            optim.load_state_dict(checkpoint["optimizer"])
-            first_epoch = checkpoint["completed_epochs"]
+            checkpoint = samba.load(args.load_checkpoint, model, optim)
+            first_epoch = int(checkpoint.get("completed_epochs", 0))
         # Trace the graph
         utils.trace_graph(model, inputs, optim, pef=args.pef, mapping=args.mapping)
         # Within the user defined train function, call: samba.session.run

@@ -15,7 +15,6 @@ Inference compiles the forward pass alone and runs Hugging Face's `generate` wit
 forward replaced by `samba.session.run`.
 """
 
-import json
 import sys
 from pathlib import Path
 
@@ -150,11 +149,10 @@ def train(args, model: nn.Module, tokenizer) -> None:
     accuracy = evaluate(args, model, tokenizer)
     print(f"Eval accuracy: {accuracy:.4f}")
     samba.session.to_cpu(model)
-    Path(args.checkpoint).parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.lm.state_dict(), args.checkpoint)
+    samba.save(model.lm.state_dict(), args.checkpoint)  # atomic: a kill leaves the old one whole
     print(f"Saved checkpoint {args.checkpoint}")
     if args.log_losses:
-        Path(args.log_losses).write_text(json.dumps({"losses": losses, "accuracy": accuracy}))
+        samba.save_json({"losses": losses, "accuracy": accuracy}, args.log_losses)
     if accuracy < args.min_eval_acc:
         raise SystemExit(f"eval accuracy {accuracy:.4f} is below --min-eval-acc {args.min_eval_acc}")
 
@@ -190,7 +188,7 @@ def generation_inputs(ids: torch.Tensor, length: int, pad_id: int) -> tuple:
 def generate(args, model: GPT2LMHeadModel, tokenizer) -> None:
     """Hugging Face's generate, with every forward call run on the device (no KV cache)."""
     if Path(args.checkpoint).exists():
-        model.load_state_dict(torch.load(args.checkpoint, weights_only=True))
+        samba.load(args.checkpoint, model, model_key=None)
         samba.session.to_rdu(model)
         print(f"Loaded checkpoint {args.checkpoint}")
     else:
@@ -225,6 +223,8 @@ def main(argv) -> None:
     if args.command == "compile":
         samba.session.compile(model, inputs, optims, name="gpt2", init_output_grads=True)
     elif args.command == "run":
+        samba.check_output_path(None if args.inference else args.checkpoint, "--checkpoint")
+        samba.check_output_path(args.log_losses, "--log-losses")
         utils.trace_graph(model, inputs, optims, pef=args.pef)
         tokenizer = GPT2TokenizerFast.from_pretrained(str(assets.make_tokenizer(args.tokenizer_dir)))
         generate(args, model, tokenizer) if args.inference else train(args, model, tokenizer)

@@ -8,7 +8,6 @@ Data parallel, two replicas of one PEF under mpirun (torchrun works the same way
 mpirun -np 2 -x MASTER_ADDR=127.0.0.1 -x MASTER_PORT=29500 python examples/lenet_app.py run -b 32 --data-parallel --reduce-on-rdu -p out/lenet/lenet.pef
 """
 
-import json
 import sys
 
 import torch
@@ -19,7 +18,7 @@ from torch.utils.data.distributed import DistributedSampler
 import sambaflow.samba.utils as utils
 from sambaflow import samba
 from sambaflow.app import datasets
-from sambaflow.samba.utils.argparser import parse_app_args
+from sambaflow.samba.utils.argparser import parse_app_args, positive_int
 from sambaflow.samba.utils.common import common_app_driver
 
 
@@ -55,7 +54,10 @@ def add_args(parser) -> None:
     parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
     parser.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay (default: 1e-4)")
     parser.add_argument(
-        "--num-classes", type=int, default=10, help="output classes; labels must be 0..N-1 (default: 10)"
+        "--num-classes",
+        type=positive_int,
+        default=10,
+        help="output classes; labels must be 0..N-1 (default: 10)",
     )
 
 
@@ -113,8 +115,7 @@ def train(args, model: nn.Module) -> None:
     accuracy = 100.0 * float((outputs.argmax(dim=1) == y_test).float().mean())
     print(f"Test Accuracy: {accuracy:.2f}  Loss: {float(loss):.4f}")
     if args.log_losses:
-        with open(args.log_losses, "w") as handle:
-            json.dump(losses, handle)
+        samba.save_json(losses, args.log_losses)
 
 
 def test_inference(args, model: nn.Module) -> None:
@@ -150,6 +151,7 @@ def main(argv) -> None:
         )
     )
     if args.command == "run":
+        samba.check_output_path(args.log_losses, "--log-losses")  # now, not after training
         utils.trace_graph(model, inputs, optimizer, pef=args.pef, init_output_grads=not args.inference)
         test_inference(args, model) if args.inference else train(args, model)
     else:

@@ -18,7 +18,6 @@ programs of a static KV cache (`sambaflow.samba.generation`) and generates with 
 `completion: <new text, repr()>` per prompt, then the speed in new tokens/s.
 """
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -128,6 +127,7 @@ def labelled(input_ids: torch.Tensor, token_types: torch.Tensor) -> tuple[torch.
 
 
 def train(args, model: LlamaLoss, tokenizer) -> None:
+    samba.check_output_path(args.log_losses, "--log-losses")  # before training, not after
     ids, types = assets.tokenize_examples(tokenizer, assets.sentiment_examples(4000, 1), args.max_seq_length)
     generator = torch.Generator().manual_seed(args.seed)
     losses = []
@@ -145,7 +145,7 @@ def train(args, model: LlamaLoss, tokenizer) -> None:
         tokenizer.save_pretrained(args.checkpoint)
         print(f"Saved checkpoint {args.checkpoint}")
     if args.log_losses:
-        Path(args.log_losses).write_text(json.dumps({"losses": losses, "accuracy": accuracy}))
+        samba.save_json({"losses": losses, "accuracy": accuracy}, args.log_losses)  # atomic
     if accuracy < args.min_eval_acc:
         raise SystemExit(f"eval accuracy {accuracy:.4f} is below --min-eval-acc {args.min_eval_acc}")
 

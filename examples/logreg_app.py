@@ -5,7 +5,6 @@ python examples/logreg_app.py run -b 32 -p out/logreg/logreg.pef
 python examples/logreg_app.py test -b 32 -p out/logreg/logreg.pef
 """
 
-import json
 import sys
 
 import torch
@@ -14,7 +13,7 @@ import torch.nn as nn
 import sambaflow.samba.utils as utils
 from sambaflow import samba
 from sambaflow.app import datasets
-from sambaflow.samba.utils.argparser import parse_app_args
+from sambaflow.samba.utils.argparser import parse_app_args, positive_int
 from sambaflow.samba.utils.common import common_app_driver
 
 
@@ -37,10 +36,16 @@ def add_args(parser) -> None:
     parser.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (default: 0, none)")
     parser.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay (default: 1e-4)")
     parser.add_argument(
-        "--num-features", type=int, default=784, help="input features per sample (default: 784, 28x28)"
+        "--num-features",
+        type=positive_int,
+        default=784,
+        help="input features per sample (default: 784, 28x28)",
     )
     parser.add_argument(
-        "--num-classes", type=int, default=10, help="output classes; labels must be 0..N-1 (default: 10)"
+        "--num-classes",
+        type=positive_int,
+        default=10,
+        help="output classes; labels must be 0..N-1 (default: 10)",
     )
 
 
@@ -79,8 +84,7 @@ def train(args, model: nn.Module) -> None:
     accuracy = 100.0 * float((outputs.argmax(dim=1) == y_test).float().mean())
     print(f"Test Accuracy: {accuracy:.2f}  Loss: {float(loss):.4f}")
     if args.log_losses:
-        with open(args.log_losses, "w") as handle:
-            json.dump(losses, handle)
+        samba.save_json(losses, args.log_losses)
 
 
 def evaluate_on_device(args, model: nn.Module) -> None:
@@ -112,6 +116,7 @@ def main(argv) -> None:
         else samba.optim.SGD(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     )
     if args.command == "run":
+        samba.check_output_path(args.log_losses, "--log-losses")  # now, not after training
         utils.trace_graph(model, inputs, optimizer, pef=args.pef, init_output_grads=not args.inference)
         evaluate_on_device(args, model) if args.inference else train(args, model)
     else:

@@ -30,3 +30,8 @@ class SambaArgumentError(SambaError):
 
 class SambaBackendError(SambaError):
     """A backend could not compile or run a section graph."""
+
+
+class SambaIOError(SambaError):
+    """A file sambaflow or an app writes or reads could not be: full disk, read-only folder, a
+    folder where a file belongs, a missing or damaged checkpoint."""

@@ -16,6 +16,10 @@ os.environ.setdefault("SAMBAFLOW_BACKEND", "reference")
 if "SAMBAFLOW_CACHE_DIR" not in os.environ:
     os.environ["SAMBAFLOW_CACHE_DIR"] = tempfile.mkdtemp(prefix="sambaflow-test-cache-")
     atexit.register(shutil.rmtree, os.environ["SAMBAFLOW_CACHE_DIR"], ignore_errors=True)
+# Compiling makes the user's own signing key (pef/sign.py) in $XDG_CONFIG_HOME, else ~/.config:
+# tests make theirs in a fresh folder, never the real user's (subprocesses inherit it).
+os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="sambaflow-test-config-")
+atexit.register(shutil.rmtree, os.environ["XDG_CONFIG_HOME"], ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

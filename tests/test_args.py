@@ -45,7 +45,7 @@ def _no_local_rank(monkeypatch):
 
 def test_public_import_path_is_the_same_function():
     assert argparser.parse_app_args is parse_app_args
-    assert set(argparser.__all__) == {"parse_app_args", "parse_yaml_to_args"}
+    assert set(argparser.__all__) == {"parse_app_args", "parse_yaml_to_args", "positive_int"}
 
 
 @pytest.mark.parametrize("command", COMMANDS)

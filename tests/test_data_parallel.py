@@ -122,7 +122,9 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def mpi_style(argv: list[str], port: int, world: int = 2, **popen) -> list[subprocess.Popen]:
+def mpi_style(
+    argv: list[str], port: int, world: int = 2, env_extra: dict[str, str] | None = None, **popen
+) -> list[subprocess.Popen]:
     """Start `world` processes as mpirun would: only OMPI_COMM_WORLD_* set, plus MASTER_ADDR/PORT."""
     return [
         subprocess.Popen(
@@ -132,6 +134,7 @@ def mpi_style(argv: list[str], port: int, world: int = 2, **popen) -> list[subpr
                 OMPI_COMM_WORLD_SIZE=str(world),
                 MASTER_ADDR="127.0.0.1",
                 MASTER_PORT=str(port),
+                **(env_extra or {}),
             ),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -279,6 +282,26 @@ def test_ffn_app_under_mpirun_style_variables(ffn_pef, tmp_path):
         assert rc == 0, err[-3000:]
     assert results[1][1].strip() == "" or "Epoch" not in results[1][1]
     check_app_output(results[0][1], tmp_path)
+
+
+def test_ffn_app_replica_that_loses_its_peer_says_so_on_stderr(ffn_pef, tmp_path):
+    """parse_app_args joins the replicas, so torch.distributed's excepthook wraps the app's error
+    hook: the one-line error must still reach stderr, with torch's rank prefix."""
+    argv = [FFN_APP, "run", "-b", "32", "--hidden-size", "32", "-e", "100000", "--data-parallel", "-p", ffn_pef]  # fmt: skip
+    procs = mpi_style(argv, free_port(), cwd=tmp_path, env_extra={"PYTHONUNBUFFERED": "1"})
+    try:
+        for line in procs[0].stdout:  # rank 0 prints each epoch: the replicas are mid-run
+            if line.startswith("Epoch [1/"):
+                break
+        procs[1].send_signal(signal.SIGKILL)
+        rc, _, err = finish(procs[:1], timeout=60)[0]
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.communicate()
+    assert rc == 2, err[-2000:]
+    assert "[rank0]: error: data-parallel run: lost rank 1 of 2" in err, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
 
 
 def test_measure_performance_reports_the_combined_throughput(ffn_pef, tmp_path):

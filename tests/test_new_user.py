@@ -191,6 +191,20 @@ def test_error_hook_keeps_tracebacks_of_other_exceptions(monkeypatch):
     assert len(seen) == 1
 
 
+def test_hook_wrapped_by_torch_distributed_is_not_installed_again(app_process):
+    """init_process_group wraps the hook in a closure (its _distributed_excepthook): a second
+    parse_app_args must find ours inside it, or each error would print twice."""
+    args_module.parse_app_args(["run"])
+    ours = sys.excepthook
+
+    def _distributed_excepthook(*args):
+        ours(*args)
+
+    sys.excepthook = _distributed_excepthook
+    args_module.parse_app_args(["run"])
+    assert sys.excepthook is _distributed_excepthook
+
+
 def test_parse_app_args_installs_the_hook_once(app_process):
     args_module.parse_app_args(["run"])
     hook = sys.excepthook

@@ -65,7 +65,8 @@ def rewrite(path, target, edit_manifest=None, drop=None):
 
     with zipfile.ZipFile(path) as archive:
         members = {n: archive.read(n) for n in archive.namelist()}
-    if edit_manifest:
+    if edit_manifest:  # its signature (the user's own key, at compile) could not survive the edit
+        members.pop("signature.json", None)
         manifest = json.loads(members["manifest.json"])
         edit_manifest(manifest)
         manifest["manifest_sha256"] = manifest_digest(manifest)
@@ -90,7 +91,10 @@ def test_compile_writes_pef_and_log(pef_path):
     assert roles["x"] == ("input", [BATCH, FEATURES], "float32", 0)
     assert roles["gemm1__weight__momentum_buffer"][0] == "state" and roles["lr"][0] == "hyper"
     assert set(train["programs"]) == {"step", "fwd", "bckwd", "opt"} and "inference" in manifest["graphs"]
-    assert set(manifest["members"]) == set(names) - {"manifest.json"} and "graph.txt" in names
+    assert (
+        set(manifest["members"]) == set(names) - {"manifest.json", "signature.json"} and "graph.txt" in names
+    )
+    assert "signature.json" in names  # signed with the user's own key (conftest: a temporary one)
     assert all(n.endswith((".json", ".txt", ".bin")) for n in names)
     log = open(pef_path.replace(".pef", ".compile.log")).read()
     assert "NO EFFECT: --n-chips 2" in log and "run-time hyperparameters" in log
@@ -229,6 +233,7 @@ def test_foreign_op_in_graph_is_refused(pef_path, tmp_path):
     call = next(n for n in graph["nodes"] if n["op"] == "call_function")
     call["target"] = "os.system"
     members["graphs/train/step.json"] = json.dumps(graph).encode()
+    del members["signature.json"]  # the editor has no key to sign with
     manifest = json.loads(members["manifest.json"])
     import hashlib
 
@@ -256,7 +261,7 @@ def test_inspect_prints_the_manifest(pef_path, capsys):
         "format version 3",
         "precision: fp32 (float32 weights and compute)",
         "backend reference on cpu",
-        "trust: unsigned",
+        "trust: signed with your own key (",
         "native code: none",
         "runs that code in your process",
         "graph 'train': sections fwd, bckwd, opt",

@@ -15,7 +15,7 @@ from sambaflow.__main__ import main as cli_main
 from sambaflow.errors import SambaArgumentError, SambaPefError
 from sambaflow.pef.decode import decode_graph, resolve_target
 from sambaflow.pef.file import PefFile
-from sambaflow.pef.sign import load_key
+from sambaflow.pef.sign import load_key, user_key, user_key_path
 from sambaflow.samba import utils
 
 
@@ -36,9 +36,15 @@ def key_file(folder):
 
 
 @pytest.fixture(scope="module")
-def unsigned_pef(folder):
+def own_pef(folder):
+    """Compiled with no key configured: signed with the user's own key (conftest's config folder)."""
     model, inputs, optim = build()
     return samba.session.compile(model, inputs, optim, name="ffn", config_dict={"output_folder": str(folder)})
+
+
+@pytest.fixture(scope="module")
+def unsigned_pef(own_pef, folder):
+    return forge(own_pef, folder / "unsigned.pef")
 
 
 @pytest.fixture(scope="module")
@@ -247,6 +253,84 @@ def test_sign_key_is_a_standard_argument(monkeypatch):
         assert parse_app_args([command, "--sign-key", "k.key"]).sign_key == "k.key"
 
 
+# --- your own key (Jupyter's notebook trust) -----------------------------------------------------
+def test_compile_signs_with_the_users_own_key_made_on_first_use(own_pef, capsys):
+    path = user_key_path()
+    assert path.startswith(os.environ["XDG_CONFIG_HOME"])  # conftest: never the real ~/.config
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert os.stat(os.path.dirname(path)).st_mode & 0o777 == 0o700
+    pef = PefFile(own_pef, None, user_key())
+    assert pef.own and pef.signature_fields["key_id"] == user_key().key_id
+    assert cli_main(["inspect", own_pef]) == 0
+    assert f"trust: signed with your own key ({path}, key id {user_key().key_id}), signature verified" in (
+        capsys.readouterr().out
+    )
+
+
+def test_a_second_key_maker_keeps_the_first_key(tmp_path, monkeypatch):
+    """Two first compiles at once: the key linked first stays, and both sign with it."""
+    from sambaflow.pef.sign import _create_key
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    _create_key(user_key_path())
+    first = user_key().secret
+    _create_key(user_key_path())
+    assert user_key().secret == first and os.listdir(tmp_path / "sambaflow") == ["pef.key"]
+
+
+@pytest.fixture
+def own_native_pef(inductor_pef, tmp_path):
+    """The native PEF as this user's compile writes it: signed with their own key."""
+    return forge(inductor_pef, tmp_path / "own.pef", key=user_key(create=True))
+
+
+def load_native(path):
+    model, inputs, _ = build()
+    utils.trace_graph(model, inputs, None, pef=path)
+    return samba.session.run(inputs, model.output_tensors)[0]
+
+
+def test_own_native_pef_loads_silently_and_warns_under_another_home(
+    own_native_pef, tmp_path, capsys, monkeypatch
+):
+    load_native(own_native_pef)
+    assert "native code" not in capsys.readouterr().out
+    # The same file for another user: no key of theirs yet, then a key of their own.
+    other = tmp_path / "other-home"
+    monkeypatch.delenv("XDG_CONFIG_HOME")
+    monkeypatch.setenv("HOME", str(other))
+    for step in ("no key yet", "their own key"):
+        samba.session.reset()
+        copy = tmp_path / f"copy-{step.replace(' ', '-')}.pef"
+        copy.write_bytes(open(own_native_pef, "rb").read())
+        load_native(str(copy))
+        out = capsys.readouterr().out
+        assert "is signed with another user's or machine's key and holds native code" in out, (step, out)
+        user_key(create=True)
+    assert user_key_path() == str(other / ".config" / "sambaflow" / "pef.key")
+    assert cli_main(["inspect", own_native_pef]) == 0
+    assert "signed with another key (key id" in capsys.readouterr().out
+
+
+def test_own_pef_with_a_flipped_byte_is_refused_with_no_key_configured(own_native_pef, tmp_path):
+    with zipfile.ZipFile(own_native_pef) as archive:
+        binary = next(n for n in archive.namelist() if n.endswith(".bin"))
+        signature = archive.read("signature.json")
+
+    def flip(members, manifest):
+        data = bytearray(members[binary])
+        data[len(data) // 2] ^= 0x01
+        members[binary] = bytes(data)
+
+    forged = forge(own_native_pef, tmp_path / "forged.pef", flip)
+    with zipfile.ZipFile(forged, "a") as archive:
+        archive.writestr("signature.json", signature)  # the user's genuine signature kept
+    model, inputs, _ = build()
+    with pytest.raises(SambaPefError, match="signature does not match"):
+        utils.trace_graph(model, inputs, None, pef=forged)
+    assert samba.session.executable is None
+
+
 # --- native code ---------------------------------------------------------------------------------
 def test_signed_native_pef_with_one_flipped_byte_is_refused_before_any_binary(
     inductor_pef, key_file, tmp_path, monkeypatch
@@ -296,7 +380,7 @@ def test_unsigned_native_pef_is_announced_once(inductor_pef, tmp_path, capsys):
         utils.trace_graph(model, inputs, None, pef=path)
     out = capsys.readouterr().out
     assert out.count("is unsigned and holds native code") == 1
-    assert "load only PEFs from sources you trust, or sign them" in out
+    assert "load only PEFs from sources you trust. PEFs you compile are signed" in out
 
 
 def test_reference_pef_loads_without_a_native_code_warning(unsigned_pef, capsys):
@@ -308,10 +392,10 @@ def test_reference_pef_loads_without_a_native_code_warning(unsigned_pef, capsys)
 def test_inspect_states_the_trust_model(inductor_pef, unsigned_pef, key_file, monkeypatch, capsys):
     assert cli_main(["inspect", inductor_pef]) == 0
     text = capsys.readouterr().out
-    assert "trust: signed (key id" in text and "not verified" in text
+    assert "trust: signed with another key (key id" in text and "not verified" in text
     assert "native code: yes: 1 inductor binaries" in text and "runs that code in your process" in text
     monkeypatch.setenv("SAMBAFLOW_SIGN_KEY", key_file)
     assert cli_main(["inspect", inductor_pef]) == 0
-    assert "signature verified with" in capsys.readouterr().out
+    assert f"signed with the given key {key_file} (key id" in capsys.readouterr().out
     assert cli_main(["inspect", unsigned_pef]) == 2
     assert "is not signed, and a signing key is configured" in capsys.readouterr().err

@@ -20,11 +20,11 @@ from sambaflow.app.precision import compile_notes, requested_preset
 from sambaflow.app.progress_line import ProgramProgress
 from sambaflow.app.run_notes import threads_metadata
 from sambaflow.app.tracing import named_graph_inputs, optimizer_list, progress, splits_at_gradients
-from sambaflow.atomic import atomic_write
+from sambaflow.atomic import atomic_write, check_writable, reported_as
 from sambaflow.backends.rewrites import rewrites_off
 from sambaflow.passes.memory import peak_computed_bytes
 from sambaflow.pef.file import CompiledGraph, write_pef
-from sambaflow.pef.sign import key_path, load_key
+from sambaflow.pef.sign import key_path, load_key, user_key
 from sambaflow.runtime.executable import Executable
 
 
@@ -63,7 +63,9 @@ def compile_pef(
     name = name or type(model).__name__
     inference = bool(inference or config.get("inference"))
     path = pef_path_for(name, config, inference)
+    check_writable(path, "the PEF")  # a folder, a read-only place: say so before a long compile
     key = load_key(key_path(config.get("sign_key")))  # a bad key file fails before a long compile
+    key = key or user_key(create=True)  # your own PEFs then load without a warning
     log = CompileLog(path)
     chosen = choose_backend(backend or config.get("backend"), log.note)
     started = time.perf_counter()
@@ -88,7 +90,8 @@ def compile_pef(
     header["precision"] = main.precision
     for line in compile_notes(main.precision):
         log.note(line)
-    write_pef(path, header, graphs, main.as_text(), key)
+    with reported_as(path, "the PEF"):  # a full disk: one line naming the file
+        write_pef(path, header, graphs, main.as_text(), key)
     signed = f", signed with {key.source}" if key else ""
     log.note(
         f"wrote {path} ({os.path.getsize(path) / 1024:.0f} KiB{signed}) in "
@@ -215,7 +218,8 @@ class CompileLog:
         report += [f"run-time hyperparameters: {graph.hyper_defaults}"]
         for line in unused:
             progress(f"note: {line}")
-        with atomic_write(self.path) as handle:  # concurrent compiles each leave a whole log
+        with reported_as(self.path, "the compile log"), atomic_write(self.path) as handle:
+            # concurrent compiles each leave a whole log
             handle.write(("\n".join(self.lines + report) + "\n").encode())
 
 

@@ -17,12 +17,14 @@ from sambaflow.app.precision import preset_for_run, requested_preset
 from sambaflow.backends.counters import debug_level
 from sambaflow.backends.registry import get_backend
 from sambaflow.errors import SambaPefError, SambaTraceError
+from sambaflow.host_memory import check_fits
 from sambaflow.optim.base import SambaOptimizer
+from sambaflow.passes.memory import peak_computed_bytes
 from sambaflow.pef.check import check_matches, check_precision
 from sambaflow.pef.file import PefFile
 from sambaflow.pef.manifest import graph_from_entry
 from sambaflow.pef.schema import GRAPH_NAME
-from sambaflow.pef.sign import TRUST_NOTE, key_path, load_key
+from sambaflow.pef.sign import TRUST_NOTE, key_path, load_key, user_key
 from sambaflow.runtime.executable import Executable
 from sambaflow.runtime.session import session
 from sambaflow.tensors.sambatensor import SambaTensor
@@ -109,6 +111,7 @@ def trace_graph(
         progress(
             f"gradient accumulation: each run adds its gradients; the weights update once every {steps} runs"
         )
+    check_step_fits(executable)
     outputs = session.load(executable, model, optimizers, init_output_grads, steps)
     model.output_tensors = outputs
     return outputs
@@ -150,6 +153,19 @@ def _trace_named_graphs(
     return outputs
 
 
+def check_step_fits(executable: Executable) -> None:
+    """Refuse, before the first step, a step whose computed tensors cannot fit in host memory (a
+    graph estimate, passes/memory.py), instead of an allocation failure or the OOM killer mid-step."""
+    step = executable.programs.get("step")
+    on_host = str(getattr(executable.backend, "device", "cpu")).startswith("cpu")
+    if step is not None and on_host:
+        check_fits(
+            peak_computed_bytes(step.module),
+            "one step (its computed tensors at their peak, estimated from the graph)",
+            "use a smaller batch (-b), or compile with micro-batches (-mb) of a size that fits",
+        )
+
+
 def splits_at_gradients(settings: dict[str, Any]) -> bool:
     """Whether the step also needs its `grads` and `update` programs: gradient accumulation and
     data parallel act between them (`settings`: parsed arguments or `_step_settings`)."""
@@ -188,10 +204,11 @@ def _say_how_it_runs(pef_file: PefFile | None, requested: Any, chosen: Any) -> N
 def load_pef(path: str, sign_key: str | None = None) -> PefFile:
     """The verified PEF; says once per file when it holds native code no signature vouches for."""
     explicit = sign_key or getattr(parsed_args(), "sign_key", None)
-    pef = PefFile(path, load_key(key_path(explicit)))
+    key = load_key(key_path(explicit))
+    pef = PefFile(path, key, None if key else user_key())  # your own PEFs are checked, then trusted
     if pef.binary_members and not pef.verified and path not in _warned_unsigned:
         _warned_unsigned.add(path)
-        state = "signed but not verified (no key configured)" if pef.signed else "unsigned"
+        state = "signed with another user's or machine's key" if pef.signed else "unsigned"
         progress(f"warning: '{path}' is {state} and holds native code. {TRUST_NOTE}")
     return pef
 

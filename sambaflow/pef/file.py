@@ -32,7 +32,15 @@ from sambaflow.pef.consistency import (
 from sambaflow.pef.decode import decode_graph
 from sambaflow.pef.manifest import FORMAT, FORMAT_VERSION, graph_entry, graph_from_entry
 from sambaflow.pef.schema import check_manifest
-from sambaflow.pef.sign import MAX_SIGNATURE_BYTES, SIGNATURE, SigningKey, read_signature, sign, verify
+from sambaflow.pef.sign import (
+    MAX_SIGNATURE_BYTES,
+    SIGNATURE,
+    SigningKey,
+    read_signature,
+    sign,
+    signed_by,
+    verify,
+)
 from sambaflow.trace.graph import TracedGraph
 
 MAX_MANIFEST_BYTES = 64 << 20
@@ -103,10 +111,12 @@ def _sha256(data: bytes) -> str:
 class PefFile:
     """A PEF read from disk and fully verified; with `key`, its signature was checked first."""
 
-    def __init__(self, path: str, key: SigningKey | None = None) -> None:
+    def __init__(self, path: str, key: SigningKey | None = None, own_key: SigningKey | None = None) -> None:
+        """`key`: only a PEF signed with it loads. `own_key` (with no `key`): the user's own key,
+        checked when the PEF says it signed it; other PEFs load unverified."""
         self.path = path
-        self.key = key
-        self.manifest, self.members, self.signature = _read_verified(path, key)
+        self.own_key = own_key
+        self.manifest, self.members, self.signature, self.key = _read_verified(path, key, own_key)
         self._graphs = check_programs(self.manifest, self.members, path)
 
     @property
@@ -115,8 +125,13 @@ class PefFile:
 
     @property
     def verified(self) -> bool:
-        """True when a key was configured: then loading checked the signature."""
+        """True when loading checked the signature (a key configured, or the user's own key)."""
         return self.key is not None
+
+    @property
+    def own(self) -> bool:
+        """Verified with the user's own key: a PEF this user compiled."""
+        return self.key is not None and self.key is self.own_key
 
     @property
     def signature_fields(self) -> dict[str, Any] | None:
@@ -161,13 +176,16 @@ class PefFile:
 
 
 def _read_verified(
-    path: str, key: SigningKey | None
-) -> tuple[dict[str, Any], dict[str, bytes], bytes | None]:
+    path: str, key: SigningKey | None, own_key: SigningKey | None = None
+) -> tuple[dict[str, Any], dict[str, bytes], bytes | None, SigningKey | None]:
+    """(manifest, members, signature, the key that verified it or None)."""
     with Archive(path) as archive:
         if MANIFEST not in archive.infos:
             raise SambaPefError(f"'{path}' has no {MANIFEST}: it is not a PEF written by sambaflow")
         raw = archive.read(MANIFEST, MAX_MANIFEST_BYTES)
         signature = archive.read(SIGNATURE, MAX_SIGNATURE_BYTES) if SIGNATURE in archive.infos else None
+        if key is None and own_key is not None and signed_by(signature, own_key):
+            key = own_key  # it says the user signed it: check that it is so
         if key is not None:
             verify(raw, signature, key, path)  # before anything from the file is parsed
         manifest = parse_json(raw, f"{path}:{MANIFEST}")
@@ -178,7 +196,7 @@ def _read_verified(
         check_listing(manifest, archive.names, signature is not None, path)
         members = {n: archive.read(n, e["size"]) for n, e in manifest["members"].items()}
     _check_members(manifest, members, path)
-    return manifest, members, signature
+    return manifest, members, signature, key
 
 
 def _check_format(manifest: Any, path: str) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 from sambaflow.passes.sections import SPLIT_AT_GRADIENTS
 from sambaflow.pef.codec import dtype_from_name
 from sambaflow.pef.file import PefFile
-from sambaflow.pef.sign import KEY_ENV, TRUST_NOTE, key_path, load_key
+from sambaflow.pef.sign import KEY_ENV, TRUST_NOTE, key_path, load_key, user_key
 from sambaflow.trace.graph import SECTION_ORDER
 from sambaflow.trace.precision import describe as describe_precision
 
@@ -59,11 +59,16 @@ def _graph_lines(kind: str, entry: dict[str, Any]) -> list[str]:
 def trust_lines(pef: PefFile) -> list[str]:
     """Signed or not (and checked or not), native code or not, and what loading it means."""
     fields = pef.signature_fields
-    if pef.verified:
-        signed = f"signed, signature verified with {pef.key.source} (key id {pef.key.key_id})"
+    if pef.own:
+        signed = f"signed with your own key ({pef.key.source}, key id {pef.key.key_id}), signature verified"
+    elif pef.verified:
+        signed = f"signed with the given key {pef.key.source} (key id {pef.key.key_id}), signature verified"
     elif pef.signed:
         key_id = fields["key_id"] if fields else "unreadable"
-        signed = f"signed (key id {key_id}), not verified: set {KEY_ENV}=FILE to check it"
+        signed = (
+            f"signed with another key (key id {key_id}), not yours: not verified; set {KEY_ENV}=FILE "
+            "to check it against a shared key"
+        )
     else:
         signed = "unsigned"
     binaries = pef.binary_members
@@ -77,7 +82,8 @@ def trust_lines(pef: PefFile) -> list[str]:
 
 def describe(path: str) -> str:
     """The PEF's manifest as text; with $SAMBAFLOW_SIGN_KEY set, its signature is checked first."""
-    pef = PefFile(path, load_key(key_path()))
+    key = load_key(key_path())
+    pef = PefFile(path, key, None if key else user_key())
     m = pef.manifest
     producer = m["producer"]
     lines = [

@@ -5,6 +5,13 @@ it, so the MAC over the manifest's bytes covers every member. With a key configu
 (`--sign-key FILE` or `$SAMBAFLOW_SIGN_KEY`) the loader checks the MAC before it parses anything
 else, and refuses unsigned PEFs.
 
+Your own key (the notebook-trust model of Jupyter): with no key configured, `compile` signs every
+PEF with a per-user key, `$XDG_CONFIG_HOME/sambaflow/pef.key` (default `~/.config/sambaflow/`),
+made on first use with mode 0600; loading checks a PEF that says it was signed by that key, and
+it loads without the native-code warning. An unsigned PEF, or one signed by another key, warns
+as before (no key configured) or is refused (a key configured). The key never leaves the machine:
+for PEFs shared between machines or users, configure a shared key with --sign-key.
+
 Key file: at least 32 random bytes, either as 64 or more hex digits (surrounding whitespace is
 ignored) or raw; mode 0600 or stricter (never readable by group or others). Make one with
 `(umask 077; python -c "import secrets; print(secrets.token_hex(32))" > pef.key)`.
@@ -33,8 +40,9 @@ _DOMAIN = b"sambaflow-pef-signature-v1\0"
 
 TRUST_NOTE = (
     "Loading a PEF that holds native code (compiled backend binaries) runs that code in your "
-    "process: load only PEFs from sources you trust, or sign them (compile --sign-key FILE) and "
-    "load them with the same key (run --sign-key FILE, or SAMBAFLOW_SIGN_KEY=FILE)."
+    "process: load only PEFs from sources you trust. PEFs you compile are signed with your own key "
+    "and load silently; to share PEFs, sign them with a shared key (compile --sign-key FILE) and "
+    "load them with it (run --sign-key FILE, or SAMBAFLOW_SIGN_KEY=FILE)."
 )
 
 
@@ -52,6 +60,65 @@ class SigningKey:
 def key_path(explicit: str | None = None) -> str | None:
     """The key file to use: `explicit` (from --sign-key), else $SAMBAFLOW_SIGN_KEY, else None."""
     return explicit or os.environ.get(KEY_ENV, "").strip() or None
+
+
+USER_KEY_FILE = "pef.key"
+
+
+def user_key_path() -> str:
+    """Where this user's own key lives: `$XDG_CONFIG_HOME/sambaflow/pef.key`, else
+    `~/.config/sambaflow/pef.key` (a user with no home: in the temporary folder, by uid)."""
+    config = os.environ.get("XDG_CONFIG_HOME", "").strip()
+    if not os.path.isabs(config):  # the XDG spec: a relative value is to be ignored
+        home = os.path.expanduser("~")
+        config = os.path.join(home, ".config") if os.path.isabs(home) else ""
+    if not config:
+        import tempfile
+
+        config = os.path.join(tempfile.gettempdir(), f"sambaflow-config-{os.getuid()}")
+    return os.path.join(config, "sambaflow", USER_KEY_FILE)
+
+
+def user_key(create: bool = False) -> SigningKey | None:
+    """This user's own key; None when it does not exist yet (and not `create`), or cannot be made
+    (a read-only home: compile then writes unsigned PEFs, as before)."""
+    path = user_key_path()
+    if not os.path.exists(path):
+        if not create:
+            return None
+        try:
+            _create_key(path)
+        except OSError:
+            return None
+    return load_key(path)
+
+
+def _create_key(path: str) -> None:
+    """32 random bytes as hex, mode 0600, in a 0700 folder; two processes making it at once both
+    end up with the one that was linked first."""
+    import secrets
+    import tempfile
+
+    folder = os.path.dirname(path)
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=".pef.key.", dir=folder)  # mode 0600
+    try:
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(secrets.token_hex(32) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(temporary, path)  # never replaces a key another process made meanwhile
+        except FileExistsError:
+            pass
+    finally:
+        os.unlink(temporary)
+
+
+def signed_by(signature: bytes | None, key: SigningKey) -> bool:
+    """The signature says `key` made it (a claim only: `verify` checks it)."""
+    fields = read_signature(signature)
+    return fields is not None and fields["key_id"] == key.key_id
 
 
 def load_key(path: str | None) -> SigningKey | None:

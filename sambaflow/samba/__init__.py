@@ -1,5 +1,6 @@
 """`sambaflow.samba`: SambaFlow's public API (`from sambaflow import samba`)."""
 
+from sambaflow.app.checkpoint import check_output_path, load, save, save_json
 from sambaflow.app.compile import compile_pef
 from sambaflow.runtime.session import session
 from sambaflow.samba import optim, utils  # noqa: E402  (after session: utils uses it)
@@ -25,10 +26,12 @@ __all__ = [
     "SambaParameter",
     "SambaTensor",
     "addmm",
+    "check_output_path",
     "from_torch",
     "from_torch_",
     "from_torch_model_",
     "from_torch_tensor",
+    "load",
     "normal",
     "ones",
     "optim",
@@ -36,6 +39,8 @@ __all__ = [
     "randint",
     "randn",
     "randn_like",
+    "save",
+    "save_json",
     "session",
     "to_torch",
     "utils",

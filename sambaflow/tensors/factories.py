@@ -2,15 +2,32 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
+from sambaflow.host_memory import check_fits
 from sambaflow.tensors.sambatensor import SambaTensor
 
 
 def _wrap(data: torch.Tensor, name: str | None, batch_dim: int | None, requires_grad: bool) -> SambaTensor:
     return SambaTensor(data, name=name, batch_dim=batch_dim, requires_grad=requires_grad)
+
+
+def _check_fits(factory: str, size: tuple, dtype: Any, name: str | None, kwargs: dict) -> None:
+    """Refuse a host tensor larger than the free memory before torch allocates it (host_memory.py:
+    otherwise the OOM killer may end the app with no message)."""
+    if torch.device(kwargs.get("device") or "cpu").type != "cpu" or not all(isinstance(n, int) for n in size):
+        return
+    dtype = dtype or torch.get_default_dtype()
+    needed = math.prod(size) * (dtype.itemsize if isinstance(dtype, torch.dtype) else 8)
+    shape = f"{list(size)} {str(dtype).removeprefix('torch.')}"
+    check_fits(
+        needed,
+        f"{factory}: tensor {name or '(unnamed)'!r} of shape {shape}",
+        "use a smaller batch (-b), or compile with micro-batches (-mb) of a size that fits",
+    )
 
 
 def _size(size: tuple) -> tuple[int, ...]:
@@ -28,6 +45,7 @@ def randn(
     **kwargs: Any,
 ) -> SambaTensor:
     """`torch.randn` returning a named SambaTensor."""
+    _check_fits("samba.randn", _size(size), dtype, name, kwargs)
     return _wrap(torch.randn(*_size(size), dtype=dtype, **kwargs), name, batch_dim, requires_grad)
 
 
@@ -40,6 +58,7 @@ def rand(
     **kwargs: Any,
 ) -> SambaTensor:
     """`torch.rand` returning a named SambaTensor."""
+    _check_fits("samba.rand", _size(size), dtype, name, kwargs)
     return _wrap(torch.rand(*_size(size), dtype=dtype, **kwargs), name, batch_dim, requires_grad)
 
 
@@ -52,6 +71,7 @@ def zeros(
     **kwargs: Any,
 ) -> SambaTensor:
     """`torch.zeros` returning a named SambaTensor."""
+    _check_fits("samba.zeros", _size(size), dtype, name, kwargs)
     return _wrap(torch.zeros(*_size(size), dtype=dtype, **kwargs), name, batch_dim, requires_grad)
 
 
@@ -64,6 +84,7 @@ def ones(
     **kwargs: Any,
 ) -> SambaTensor:
     """`torch.ones` returning a named SambaTensor."""
+    _check_fits("samba.ones", _size(size), dtype, name, kwargs)
     return _wrap(torch.ones(*_size(size), dtype=dtype, **kwargs), name, batch_dim, requires_grad)
 
 
@@ -75,6 +96,8 @@ def randint(
     **kwargs: Any,
 ) -> SambaTensor:
     """`torch.randint(high, size)` or `torch.randint(low, high, size)` as a named SambaTensor."""
+    size = kwargs.get("size", args[-1] if args and isinstance(args[-1], (tuple, list, torch.Size)) else ())
+    _check_fits("samba.randint", tuple(size), dtype or torch.int64, name, kwargs)
     data = torch.randint(*args, dtype=dtype or torch.int64, **kwargs)
     return _wrap(data, name, batch_dim, False)
 

@@ -14,6 +14,7 @@ import torch
 from sambaflow.backends.base import CompiledProgram
 from sambaflow.backends.inductor.fingerprint import input_values
 from sambaflow.backends.inductor.package import META_KEY, TARGET_KEY
+from sambaflow.backends.inductor.scratch import compiler_temporaries
 from sambaflow.backends.rewrites import rewrite_for_inductor
 from sambaflow.errors import SambaBackendError
 from sambaflow.passes.sections import SectionProgram
@@ -27,7 +28,11 @@ def compile_package(program: SectionProgram, key: str, for_target: str) -> bytes
     examples = _examples(program)
     notes = {META_KEY: key, TARGET_KEY: for_target, "sambaflow_program": program.name}
     configs = {"aot_inductor.metadata": notes, **passes(program)}
-    with tempfile.TemporaryDirectory(prefix="sambaflow-aoti-") as tmp, warnings.catch_warnings():
+    with (
+        tempfile.TemporaryDirectory(prefix="sambaflow-aoti-") as tmp,
+        warnings.catch_warnings(),
+        compiler_temporaries(),
+    ):
         warnings.simplefilter("ignore", FutureWarning)
         try:
             exported = export(prepared(program), tuple(examples), strict=False)

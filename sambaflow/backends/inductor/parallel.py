@@ -15,8 +15,10 @@ the worker's traceback as its cause.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import threading
@@ -103,7 +105,7 @@ class CompilePool:
             doomed = [w for w in self._started if exc[0] is not None or not w.ready]
         for worker in self._started:
             if worker in doomed:
-                worker.proc.kill()
+                _stop(worker.proc)
             _close(worker.proc.stdin)
         for thread in self._threads:
             thread.join()
@@ -177,7 +179,22 @@ def _start_worker() -> subprocess.Popen:
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         env=env,
+        start_new_session=True,  # Ctrl-C reaches this process only; _stop ends the worker's group
     )
+
+
+def _stop(proc: subprocess.Popen, grace_s: float = 2.0) -> None:
+    """End a worker and the C++ compiler it may be running: SIGTERM to its process group (the
+    worker removes its temporary folders, the compiler its temporary files), SIGKILL after
+    `grace_s`."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(grace_s)
+            return
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def _receive(proc: subprocess.Popen) -> Any:

@@ -8,12 +8,14 @@ processes first.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import re
 import shutil
 import stat
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 PREFIX = "sambaflow-"
@@ -32,6 +34,25 @@ def private_folder() -> Path:
             _folder = (os.getpid(), path)
             atexit.register(_remove, os.getpid(), path)
         return _folder[1]
+
+
+@contextlib.contextmanager
+def compiler_temporaries() -> Iterator[None]:
+    """TMPDIR, for the processes started in the block (the C++ compiler), inside this process's
+    private folder: a compiler interrupted by Ctrl-C can leave its temporary files (seen with g++
+    under subprocess.run), and these then go with the folder, at exit or after a kill -9. Python's
+    own tempfile has read TMPDIR already and keeps its folder."""
+    folder = private_folder() / "tmp"
+    folder.mkdir(exist_ok=True)
+    before = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(folder)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = before
 
 
 def remove_stale_folders(root: str | Path | None = None) -> list[Path]:

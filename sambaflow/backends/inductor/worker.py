@@ -90,9 +90,10 @@ def serve(tasks: BinaryIO, results: BinaryIO) -> None:
 
 
 def main() -> None:
-    # Ctrl-C reaches the whole process group: the parent stops and kills its workers, so a worker
-    # need not print a traceback of its own.
+    # Ctrl-C is the parent's to handle (it stops its workers, parallel._stop); SIGTERM from it
+    # ends this worker through SystemExit, so its temporary folders are removed on the way out.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     # Results go out on the original stdout; anything Inductor or the C++ compiler prints goes to
     # stderr, so it cannot corrupt them.
     results = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
