@@ -128,7 +128,7 @@ def test_the_page_shows_the_step_tensors_compile_facts_and_trust(pef, tmp_path):
     for fact in ("reference", "no compiled binaries", "SGD[0]", "--o1: accepted but had no effect"):
         assert fact in compile_text
     trust = text(find(page.root, "section", id="trust")[0])
-    assert "trust: unsigned" in trust and "native code: none" in trust
+    assert "trust: signed with your own key" in trust and "native code: none" in trust
     assert "not measured" in text(find(page.root, "section", id="measured")[0])
 
 

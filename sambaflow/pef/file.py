@@ -181,7 +181,9 @@ def _read_verified(
     """(manifest, members, signature, the key that verified it or None)."""
     with Archive(path) as archive:
         if MANIFEST not in archive.infos:
-            raise SambaPefError(f"'{path}' has no {MANIFEST}: it is not a PEF written by sambaflow")
+            raise SambaPefError(
+                f"'{path}' has no {MANIFEST}: it is not a PEF written by sambaflow, or it is damaged: recompile it"
+            )
         raw = archive.read(MANIFEST, MAX_MANIFEST_BYTES)
         signature = archive.read(SIGNATURE, MAX_SIGNATURE_BYTES) if SIGNATURE in archive.infos else None
         if key is None and own_key is not None and signed_by(signature, own_key):

@@ -11,7 +11,7 @@ from sambaflow.app.report.page import render
 from sambaflow.atomic import atomic_write
 from sambaflow.errors import SambaArgumentError
 from sambaflow.pef.file import PefFile
-from sambaflow.pef.sign import key_path, load_key
+from sambaflow.pef.sign import key_path, load_key, user_key
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -37,7 +37,8 @@ def run(args: argparse.Namespace) -> str:
     """Write the report; returns its path."""
     if args.num_iterations < 1:
         raise SambaArgumentError(f"report: -n/--num-iterations must be at least 1, got {args.num_iterations}")
-    pef = PefFile(args.pef, load_key(key_path()))
+    key = load_key(key_path())
+    pef = PefFile(args.pef, key, None if key else user_key())  # as inspect: your own key is known
     measurement = None
     if args.measure:
         measurement = measure_pef(pef, args.num_iterations)
