@@ -119,19 +119,17 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "examples"))
 
 import gpt2_app  # noqa: E402  (examples/gpt2_app.py: the tutorial's groups, generation inputs)
+import harness  # noqa: E402
 import transformers  # noqa: E402
 from harness import (  # noqa: E402  (benchmarks/harness.py: the shared method)
     cpu_seconds,
     fmt,
     machine,
-    measure,
     medians,
     other_cpu_share,
     proc_status_kb,
     ratio,
     settle,
-    summary,
-    warm_up,
 )
 from step_bench import host_params, relative_error  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
@@ -596,20 +594,7 @@ def caught(judged: dict[str, Any]) -> str:
 def timed(
     config: Config, phase: str, steps: dict[str, Step], args: argparse.Namespace, rounds: int, block: int
 ) -> dict[str, Any]:
-    estimate = warm_up(steps, max(1, args.warmup), 0.0)
-    say(
-        f"{config.name}: {phase}: timing {rounds} rounds x {block} per variant, interleaved (about "
-        f"{rounds * block * sum(estimate.values()):.0f} s; warm-up "
-        + ", ".join(f"{n} {t * 1e3:.1f} ms" for n, t in estimate.items())
-        + ")"
-    )
-    before = cpu_seconds()
-    samples = measure(steps, rounds, block)
-    busy = other_cpu_share(before, cpu_seconds())
-    if busy > OTHER_CPU_WARN:
-        say(f"WARNING: other processes took {busy:.0%} of the CPUs while timing this phase")
-    timing = {name: summary(times) for name, times in samples.items()}
-    return {"timing": timing, "rounds": rounds, "block": block, "other_cpu": busy}
+    return harness.timed(f"{config.name}: {phase}", steps, rounds, block, max(1, args.warmup))
 
 
 # --- peak memory, in fresh processes ------------------------------------------------------------------

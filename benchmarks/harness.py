@@ -92,7 +92,8 @@ def timed(what: str, steps: dict[str, Step], rounds: int, block: int, warmup: in
     """Warm up, then measure interleaved; per variant a summary, and the CPU share others took."""
     estimate = warm_up(steps, warmup, 0.0)
     say(
-        f"{what}: timing {rounds} rounds x {block} per variant, interleaved (warm-up "
+        f"{what}: timing {rounds} rounds x {block} per variant, interleaved (about "
+        f"{rounds * block * sum(estimate.values()):.0f} s; warm-up "
         + ", ".join(f"{n} {t * 1e3:.1f} ms" for n, t in estimate.items())
         + ")"
     )
@@ -101,7 +102,8 @@ def timed(what: str, steps: dict[str, Step], rounds: int, block: int, warmup: in
     busy = other_cpu_share(before, cpu_seconds())
     if busy > OTHER_CPU_WARN:
         say(f"WARNING: other processes took {busy:.0%} of the CPUs while timing {what}")
-    return {"timing": {n: summary(t) for n, t in samples.items()}, "other_cpu": busy}
+    timing = {n: summary(t) for n, t in samples.items()}
+    return {"timing": timing, "rounds": rounds, "block": block, "other_cpu": busy}
 
 
 def medians(phase: dict) -> dict[str, float]:
