@@ -87,6 +87,28 @@ def _eager_step(model, batch, optims, clip, hyper):
     return [o.detach() for o in outputs]
 
 
+def eager_grouped_adamw(
+    groups: list[list[torch.nn.Parameter]],
+    weight_decays: tuple[float, ...],
+    loss_of_step: Callable[[int], torch.Tensor],
+    steps: int,
+    **adamw: float,
+) -> list[float]:
+    """The apps' optimizer in plain PyTorch: one AdamW per group, each group clipped to norm 1."""
+    optims = [torch.optim.AdamW(g, weight_decay=wd, **adamw) for g, wd in zip(groups, weight_decays)]
+    losses = []
+    for step in range(steps):
+        loss = loss_of_step(step)
+        for opt in optims:
+            opt.zero_grad()
+        loss.backward()
+        for group, opt in zip(groups, optims):
+            torch.nn.utils.clip_grad_norm_(group, 1.0)
+            opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
 def tanh_inputs(seed: int) -> torch.Tensor:
     """Every range the formula switches on, both signs, and the special values."""
     gen = torch.Generator().manual_seed(seed)

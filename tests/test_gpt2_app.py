@@ -11,6 +11,8 @@ from test_apps_e2e import app, load_example
 
 from sambaflow.samba import utils
 
+from helpers import eager_grouped_adamw
+
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.slow
 
@@ -30,26 +32,18 @@ def eager_training(module, steps: int, tokenizer_dir) -> tuple[list[float], floa
     config.use_cache = False
     model = module.GPT2TokenLoss(GPT2LMHeadModel(config)).eval()  # eval: the run's dropout is 0
     groups = module.parameter_groups(model)
-    optims = [
-        torch.optim.AdamW(g, lr=2e-3, betas=(0.9, 0.997), eps=1e-8, weight_decay=wd)
-        for g, wd in zip(groups, (0.1, 0.1, 0.0))
-    ]
     tokenizer = GPT2TokenizerFast.from_pretrained(str(assets.make_tokenizer(tokenizer_dir)))
     ids, types = assets.tokenize_examples(tokenizer, assets.sentiment_examples(4000, 1), 48)
     generator = torch.Generator().manual_seed(0)
-    losses = []
-    for _ in range(steps):
+
+    def loss_of_step(_: int) -> torch.Tensor:
         rows = torch.randint(0, len(ids), (BATCH,), generator=generator)
         weights = module.loss_weights(types[rows], 0.1)
         loss, _ = model(*[t.long() for t in module.runtime_inputs(ids[rows])])
-        total = (loss * weights).sum()
-        for opt in optims:
-            opt.zero_grad()
-        total.backward()
-        for group, opt in zip(groups, optims):
-            torch.nn.utils.clip_grad_norm_(group, 1.0)
-            opt.step()
-        losses.append(float(total.detach()))
+        return (loss * weights).sum()
+
+    hyper = {"lr": 2e-3, "betas": (0.9, 0.997), "eps": 1e-8}
+    losses = eager_grouped_adamw(groups, (0.1, 0.1, 0.0), loss_of_step, steps, **hyper)
     return losses, eager_accuracy(module, model, tokenizer)
 
 

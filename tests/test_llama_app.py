@@ -13,6 +13,8 @@ from test_apps_e2e import app, load_example
 
 from sambaflow.samba import utils
 
+from helpers import eager_grouped_adamw
+
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.slow
 
@@ -20,7 +22,7 @@ BATCH, STEPS, SEQ = 8, 40, 48
 COMMON = ["-b", str(BATCH), "--max-seq-length", str(SEQ), "--backend", "inductor"]
 
 
-def eager_training(module, tokenizer) -> tuple[list[float], float]:
+def eager_training(module, tokenizer) -> list[float]:
     """The app's training in plain PyTorch/transformers: same initial weights, batches and groups."""
     assets = module.assets
     utils.set_seed(0)
@@ -30,25 +32,15 @@ def eager_training(module, tokenizer) -> tuple[list[float], float]:
         [p for n, p in model.named_parameters() if "norm" not in n],
         [p for n, p in model.named_parameters() if "norm" in n],
     ]
-    optims = [
-        torch.optim.AdamW(g, lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=wd)
-        for g, wd in zip(groups, (0.1, 0.0))
-    ]
     ids, types = assets.tokenize_examples(tokenizer, assets.sentiment_examples(4000, 1), SEQ)
     generator = torch.Generator().manual_seed(0)
-    losses = []
-    for _ in range(STEPS):
+
+    def loss_of_step(_: int) -> torch.Tensor:
         rows = torch.randint(0, len(ids), (BATCH,), generator=generator)
         inputs, labels = module.labelled(ids[rows], types[rows])
-        loss, _ = model(inputs.long(), labels.long())
-        for opt in optims:
-            opt.zero_grad()
-        loss.backward()
-        for group, opt in zip(groups, optims):
-            torch.nn.utils.clip_grad_norm_(group, 1.0)
-            opt.step()
-        losses.append(float(loss.detach()))
-    return losses
+        return model(inputs.long(), labels.long())[0]
+
+    return eager_grouped_adamw(groups, (0.1, 0.0), loss_of_step, STEPS, lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
 
 
 def hf_completions(checkpoint, prompts: list[str], new: int) -> list[str]:
