@@ -22,6 +22,7 @@ from sambaflow import samba
 from sambaflow.backends.inductor import InductorBackend, available, fingerprint_parts
 from sambaflow.backends.reference import ReferenceBackend
 from sambaflow.backends.registry import get_backend
+from sambaflow.backends.rewrites import rewrite_for_inductor
 from sambaflow.errors import SambaBackendError
 from sambaflow.passes.inplace import update_inputs_in_place
 from sambaflow.passes.sections import SectionProgram, full_step_program, section_programs
@@ -335,9 +336,17 @@ def test_in_place_step_writes_back_an_input_with_other_strides(graph, step, in_p
 
 
 # --- the rewrites: the alpha trap (issue 4), tanh, batch sums ------------------------------------------------
-def _rewrite_forms(a, b, p, a2, b2, p2, c, x, rows):
+def _rewrite_forms(a, b, p, a2, b2, p2, c, x, rows, row, weight, bias):
     batch_sums = (rows * 2).sum(0), rows.sum(0, keepdim=True)  # split into row blocks by Inductor's pass
-    return torch.mm(a, b).add(p, alpha=1e-4), torch.mm(a2, b2) + c * p2, torch.tanh(x), *batch_sums
+    bf16 = (
+        torch.mm(row, weight.t()),
+        torch.addmm(bias, row, weight.t()),
+        torch.mm(row.expand(2, -1), weight.t()),
+    )
+    return torch.mm(a, b).add(p, alpha=1e-4), torch.mm(a2, b2) + c * p2, torch.tanh(x), *batch_sums, *bf16
+
+
+RESULTS = ["alpha_form", "scaled", "tanh", "sum0", "sum0_keepdim", "bf16_mm", "bf16_addmm", "bf16_two_rows"]
 
 
 @pytest.fixture(scope="module")
@@ -349,18 +358,37 @@ def rewrites_case():
         torch.randn(16, 8, generator=gen) * 100,
     ]
     rows = torch.randn(512, 40, generator=gen) + 3
+    bf16 = [torch.randn(*shape, generator=gen).bfloat16() for shape in ((1, 96), (40, 96), (40,))]
     args = (
         args
         + [t.clone() for t in args]
         + [torch.tensor(1e-4, dtype=torch.float64), tanh_inputs(seed=2), rows]
+        + bf16
     )
     module = make_fx(_rewrite_forms, tracing_mode="fake")(*args)
-    inputs = ["a", "b", "p", "a2", "b2", "p2", "c", "x", "rows"]
-    program = SectionProgram(
-        "rewrites", module, inputs, ["alpha_form", "scaled", "tanh", "sum0", "sum0_keepdim"]
-    )
+    inputs = ["a", "b", "p", "a2", "b2", "p2", "c", "x", "rows", "row", "weight", "bias"]
+    program = SectionProgram("rewrites", module, inputs, RESULTS)
     expected = args[0] @ args[1] + 1e-4 * args[2]
     return program, args, expected
+
+
+def test_bf16_vector_matmul_rewrites_only_one_row_times_transposed_weight(rewrites_case):
+    program, args, _ = rewrites_case
+    module = copy.deepcopy(program.module)
+    products = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+    before = sum(n.target in products for n in module.graph.nodes)
+    rewrite_for_inductor(module)
+    assert sum(n.target in products for n in module.graph.nodes) == before - 2  # not the two-row mm
+    _check_bf16_products(module(*args)[-3:], args)
+
+
+def _check_bf16_products(results, args):
+    """Each product as float32 math rounded once to bfloat16: within one bf16 ulp (2^-8 relative)."""
+    row, weight, bias = (t.float() for t in args[-3:])
+    exact = row @ weight.t()
+    for got, want in zip(results, (exact, exact + bias, (row @ weight.t()).expand(2, -1))):
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), want, rtol=2**-8, atol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["aot", "jit"])
@@ -370,15 +398,16 @@ def test_compiled_rewrites_keep_alpha_tanh_and_batch_sums(rewrites_case, tmp_pat
     exact to float32 rounding, once Inductor compiled them."""
     program, args, expected = rewrites_case
     cache = tmp_path_factory.mktemp(f"rewrites-{mode}")
-    alpha_form, scaled, tanh, sum0, sum0_keepdim = InductorBackend(cache_dir=cache, mode=mode).compile(
+    alpha_form, scaled, tanh, sum0, sum0_keepdim, *bf16 = InductorBackend(cache_dir=cache, mode=mode).compile(
         program
     )(args)
     torch.testing.assert_close(scaled, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(alpha_form, expected, rtol=1e-5, atol=1e-5)
-    check_tanh(tanh, args[-2])
-    rows = args[-1].double()
+    check_tanh(tanh, args[7])
+    rows = args[8].double()
     torch.testing.assert_close(sum0.double(), 2 * rows.sum(0), rtol=1e-6, atol=0)
     torch.testing.assert_close(sum0_keepdim.double(), rows.sum(0, keepdim=True), rtol=1e-6, atol=0)
+    _check_bf16_products(bf16, args)
 
 
 @pytest.mark.xfail(
