@@ -20,9 +20,11 @@ from torch import nn
 from sambaflow.errors import SambaRunError
 from sambaflow.optim.base import SambaOptimizer, hyper_name, state_name
 from sambaflow.passes.sections import FULL_STEP, SAVED_PREFIX
+from sambaflow.runtime.directives import SessionDirectives
 from sambaflow.runtime.executable import Executable
 from sambaflow.runtime.feeds import check_seed, expand_hyperparams, match_inputs, resolve_sections
 from sambaflow.runtime.index_check import explained_failures
+from sambaflow.runtime.multigraph import MultigraphSession
 from sambaflow.tensors.current import set_current_session
 from sambaflow.tensors.model import buffer_name
 from sambaflow.tensors.sambatensor import SambaTensor, named_view
@@ -39,14 +41,17 @@ from sambaflow.trace.graph import (
 )
 
 
-class Session:
-    """What `samba.session` is: one per process."""
+class Session(SessionDirectives, MultigraphSession):
+    """What `samba.session` is: one per process (directives: runtime/directives.py; SambaFlow's
+    multigraph API: runtime/multigraph.py)."""
 
     def __init__(self) -> None:
         self.tracing = True
         self.pinned_memory = False
         self.trace_count = 0
         self._compiler: Callable[..., str] | None = None
+        self._reset_directives()
+        self._reset_multigraph()
         self.reset()
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -65,6 +70,7 @@ class Session:
         self._accumulated: dict[str, torch.Tensor] = {}  # gradients summed over the runs so far
         self._accumulated_runs = 0
         self._replicas_checked = False
+        self._reset_region_runtime()
 
     def load(
         self,
@@ -232,7 +238,10 @@ class Session:
 
         With `data_parallel` (or `reduce_on_rdu`) the gradients are averaged over all replicas
         (`runtime/communicator.py`) once backward made them, before gradnorm and opt. With
-        `graph_name`, that one of the loaded graphs (`load_graphs`) runs, and stays current."""
+        `graph_name`, that one of the loaded graphs (`load_graphs`) runs, and stays current; after
+        `init_multigraph_runtime`, that graph of the multigraph PEF (runtime/multigraph.py)."""
+        if self.region_graphs:
+            return self.run_region_graph(_multigraph_name(graph_name, self.region_graphs), input_tensors)
         if graph_name is not None:
             self._select_graph(graph_name)
         executable = self._require_executable()
@@ -421,6 +430,15 @@ class Session:
 
     def disable_pinned_memory(self) -> None:
         self.pinned_memory = False
+
+
+def _multigraph_name(graph_name: str | None, graphs: Mapping[str, Any]) -> str:
+    if graph_name is None:
+        raise SambaRunError(
+            f"session.run: a multigraph PEF is loaded (init_multigraph_runtime): pass graph_name= "
+            f"one of {sorted(graphs)}"
+        )
+    return graph_name
 
 
 def _host_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
