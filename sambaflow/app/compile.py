@@ -26,6 +26,7 @@ from sambaflow.passes.memory import peak_computed_bytes
 from sambaflow.pef.file import CompiledGraph, write_pef
 from sambaflow.pef.sign import key_path, load_key, user_key
 from sambaflow.runtime.executable import Executable
+from sambaflow.trace.plan import takes_keywords
 
 
 def pef_path_for(name: str, config: dict[str, Any], inference: bool) -> str:
@@ -72,7 +73,9 @@ def compile_pef(
     graphs = {}
     optimizers = [] if inference else optimizer_list(optim)
     amp = requested_preset(graphamp_preset, config)
-    if isinstance(inputs, Mapping):  # several named forward graphs (cached generation: prompt, token)
+    if isinstance(inputs, Mapping) and not takes_keywords(
+        model, inputs
+    ):  # several named forward graphs (cached generation: prompt, token)
         inference = True
         for graph_name, graph_inputs in named_graph_inputs(inputs, optimizers).items():
             graphs[graph_name] = _compiled(

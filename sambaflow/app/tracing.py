@@ -29,6 +29,7 @@ from sambaflow.runtime.executable import Executable
 from sambaflow.runtime.session import session
 from sambaflow.tensors.sambatensor import SambaTensor
 from sambaflow.trace.graph import TracedGraph
+from sambaflow.trace.plan import takes_keywords
 from sambaflow.trace.tracer import trace_step
 
 
@@ -84,7 +85,7 @@ def trace_graph(
     chosen = None if pef_file is not None else choose_backend(requested, progress)
     _say_how_it_runs(pef_file, requested, chosen)
     preset = preset_for_run(requested_preset(graphamp_preset), pef_file)
-    if isinstance(inputs, Mapping):
+    if isinstance(inputs, Mapping) and not takes_keywords(model, inputs):
         named = named_graph_inputs(inputs, optimizers)
         return _trace_named_graphs(model, named, pef_file, chosen, preset)
     if pef_file is not None and optimizers and "train" not in pef_file.kinds:

@@ -136,6 +136,13 @@ class Session(SessionDirectives, MultigraphSession):
     ) -> str:
         """Trace and compile into a PEF file; return its path (the app layer's `compile_pef`,
         which `sambaflow.samba` installs with `set_compiler`: the runtime does not import the app)."""
+        if "optimizers" in kwargs:  # SambaFlow's keyword (SambaNova's modelzoo passes it)
+            given = kwargs.pop("optimizers")
+            if optimizer is not None and given is not None:
+                raise SambaRunError(
+                    "session.compile: optimizer given twice (positionally and as optimizers=): pass one"
+                )
+            optimizer = given if given is not None else optimizer
         if self._compiler is None:
             raise SambaRunError(
                 "session.compile: no compiler is installed; import sambaflow.samba (which installs "
@@ -244,6 +251,8 @@ class Session(SessionDirectives, MultigraphSession):
             return self.run_region_graph(_multigraph_name(graph_name, self.region_graphs), input_tensors)
         if graph_name is not None:
             self._select_graph(graph_name)
+        if isinstance(output_tensors, torch.Tensor):  # one output tensor (the loss, say)
+            output_tensors = [output_tensors]
         executable = self._require_executable()
         graph = executable.graph
         sections = resolve_sections(section_types, executable.sections)
@@ -502,9 +511,10 @@ def _explicit_seeds(
     names: list[str], outputs: Sequence[torch.Tensor] | None, grads: Sequence[Any] | None
 ) -> dict[str, Any]:
     seeds: dict[str, Any] = {}
-    for name, out in zip(names, outputs or []):
+    for position, out in zip(names, outputs or []):
+        name = getattr(out, "sn_name", None)  # by name; an unnamed tensor by its position
         if getattr(out, "__dict__", {}).get("_sn_grad") is not None:
-            seeds[name] = out.__dict__["_sn_grad"]
+            seeds[name if name in names else position] = out.__dict__["_sn_grad"]
     if grads is not None:
         if isinstance(grads, torch.Tensor):
             grads = [grads]

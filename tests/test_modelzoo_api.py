@@ -1,0 +1,220 @@
+"""The API surface SambaNova's modelzoo training apps use, in our own words and models.
+
+The modelzoo traces `forward(**inputs)` with a dict whose values are tensors, tuples of tensors
+(the article-attention mask pair) and Python constants; its model code caches tensors across calls
+(RoPE cos/sin tables in a module-level dict, zero paddings checked with `.item()`); it compiles
+with parameters on the `meta` device; it runs with one output tensor whose `sn_grad` is a
+per-token gradient scale. Semantics run on the reference backend; numerics compare with eager
+PyTorch on fresh random data.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sambaflow import samba
+from sambaflow.errors import SambaTraceError
+from sambaflow.pef.file import PefFile
+from sambaflow.samba.utils import trace_graph
+
+from helpers import rel_err
+
+VOCAB, WIDTH, BATCH, SEQ = 40, 16, 4, 8
+
+#: module-level cache keyed by sequence length, as the modelzoo's RoPE tables are
+ROPE_TABLES: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+class RopeTables(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        inv = 1.0 / (10000 ** (torch.arange(0, width, 2).float() / width))
+        self.register_buffer("inv_freq", inv, persistent=False)
+
+    def forward(self, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+        key = f"tables_{seq}"
+        if key not in ROPE_TABLES:
+            angles = torch.outer(torch.arange(seq, dtype=torch.float32), self.inv_freq)
+            angles = torch.cat((angles, angles), dim=-1)
+            ROPE_TABLES[key] = (angles.cos(), angles.sin())
+        return ROPE_TABLES[key]
+
+
+class CachingLM(nn.Module):
+    """A small LM whose forward reads tensors cached across calls and takes keyword inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, WIDTH)
+        self.rope = RopeTables(WIDTH)
+        self.mix = nn.Linear(WIDTH, WIDTH)
+        self.head = nn.Linear(WIDTH, VOCAB)
+        self.padding: torch.Tensor | None = None  # made on first use, checked with .item() after
+
+    def forward(self, input_ids, attention_mask=None, labels=None, scale=1.0, return_dict=True):
+        h = self.embed(input_ids)
+        cos, sin = self.rope(h.shape[1])
+        if self.padding is None:
+            self.padding = torch.zeros(h.shape[-1])
+        if not torch.all(self.padding == 0).item():
+            raise RuntimeError("cached padding is not zero")
+        h = h * cos + h.flip(-1) * sin + self.padding
+        if attention_mask is not None:  # a pair of collapsed masks, as article attention
+            same = (attention_mask[0] == attention_mask[1]).float()  # [B, 1, S, S]
+            h = h + same.squeeze(1) @ h / SEQ
+        logits = self.head(torch.tanh(self.mix(h)) * scale)
+        loss = F.cross_entropy(logits.view(-1, VOCAB), labels.view(-1).long(), reduction="none")
+        return {"loss": loss, "logits": logits} if return_dict else (loss, logits)
+
+
+def batch() -> dict[str, torch.Tensor]:
+    return {
+        "input_ids": torch.randint(VOCAB, (BATCH, SEQ), dtype=torch.int32),
+        "mask_1": torch.randint(3, (BATCH, 1, 1, SEQ)).float(),
+        "mask_2": torch.randint(3, (BATCH, 1, SEQ, 1)).float(),
+        "labels": torch.randint(VOCAB, (BATCH, SEQ), dtype=torch.int32),
+    }
+
+
+def keyword_inputs(data: dict[str, torch.Tensor], **constants) -> dict:
+    named = {k: samba.from_torch_tensor(v, name=k) for k, v in data.items()}
+    return {
+        "input_ids": named["input_ids"],
+        "attention_mask": (named["mask_1"], named["mask_2"]),
+        "labels": named["labels"],
+        **constants,
+    }
+
+
+def eager_loss(model: nn.Module, data: dict[str, torch.Tensor]) -> torch.Tensor:
+    mask = (data["mask_1"], data["mask_2"])
+    return model(data["input_ids"], mask, data["labels"], scale=0.5, return_dict=False)[0]
+
+
+def scale_for(data: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A per-token gradient scale summing to one (the modelzoo's loss-mask normalisation)."""
+    scale = (torch.rand(BATCH * SEQ) > 0.2).float()
+    return scale / scale.sum()
+
+
+def fresh_pair() -> tuple[nn.Module, nn.Module]:
+    ROPE_TABLES.clear()
+    reference = CachingLM()
+    model = copy.deepcopy(reference)
+    samba.from_torch_model_(model)
+    return reference, model
+
+
+def train_against_eager(model, reference, outputs, steps=4, lr=1e-2):
+    eager = torch.optim.AdamW(reference.parameters(), lr=lr, betas=(0.9, 0.997), weight_decay=0.0)
+    for _ in range(steps):
+        data = batch()
+        scale = scale_for(data)
+        outputs[0].sn_grad = scale
+        got = samba.session.run(keyword_inputs(data), outputs[0])  # one output tensor
+        eager.zero_grad()
+        loss = eager_loss(reference, data)
+        loss.backward(scale)
+        eager.step()
+        assert rel_err(got[0], loss) < 1e-5
+    samba.session.to_cpu(model)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert rel_err(p, q) < 1e-5, name
+
+
+def test_keyword_inputs_with_tuples_constants_and_caches_train_like_eager():
+    reference, model = fresh_pair()
+    optim = samba.optim.AdamW(model.parameters(), lr=1e-2)
+    inputs = keyword_inputs(batch(), scale=0.5, return_dict=False)
+    outputs = trace_graph(model, inputs, optim, loss_indices=[0])
+    assert len(outputs) == 2 and outputs[0].shape == (BATCH * SEQ,)
+    train_against_eager(model, reference, outputs)
+
+
+def test_model_output_dicts_flatten_to_outputs():
+    _, model = fresh_pair()
+    outputs = trace_graph(
+        model, keyword_inputs(batch(), scale=0.5), samba.optim.SGD(model.parameters(), lr=0.1)
+    )
+    assert [tuple(o.shape) for o in outputs] == [(BATCH * SEQ,), (BATCH, SEQ, VOCAB)]
+
+
+def test_cached_tensors_become_graph_constants_of_their_real_value():
+    _, model = fresh_pair()
+    trace_graph(model, keyword_inputs(batch(), scale=0.5), None)
+    graph = samba.session.executable.graph.module
+    constants = [getattr(graph, n.target) for n in graph.graph.nodes if n.op == "get_attr"]
+    cos, _ = ROPE_TABLES[f"tables_{SEQ}"]
+    assert not any(type(t).__name__ == "FakeTensor" for t in ROPE_TABLES[f"tables_{SEQ}"])
+    assert any(c.shape == cos.shape and torch.equal(c, cos) for c in constants)
+
+
+def test_a_second_trace_reuses_the_real_cache():
+    _, model = fresh_pair()
+    trace_graph(model, keyword_inputs(batch(), scale=0.5), None)
+    first = ROPE_TABLES[f"tables_{SEQ}"][0]
+    samba.session.reset()
+    trace_graph(model, keyword_inputs(batch(), scale=0.5), None)
+    assert ROPE_TABLES[f"tables_{SEQ}"][0] is first
+
+
+def test_dict_keys_that_are_not_forward_parameters_are_refused_by_name():
+    _, model = fresh_pair()
+    data = batch()
+    inputs = {"input_ids": samba.from_torch_tensor(data["input_ids"], name="input_ids"), "bogus": 1}
+    with pytest.raises(SambaTraceError, match="bogus"):
+        trace_graph(model, inputs, None)
+
+
+def test_unnamed_tensor_in_a_tuple_is_refused_naming_where():
+    _, model = fresh_pair()
+    inputs = keyword_inputs(batch())
+    inputs["attention_mask"] = (inputs["attention_mask"][0], torch.ones(BATCH, 1, SEQ, 1))
+    with pytest.raises(SambaTraceError, match=r"attention_mask\[1\]"):
+        trace_graph(model, inputs, None)
+
+
+def as_meta(model: nn.Module) -> nn.Module:
+    """Parameters on the meta device, buffers kept (what accelerate's init_empty_weights makes)."""
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None:
+                module._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+    return model
+
+
+@pytest.fixture(scope="module")
+def meta_pef(tmp_path_factory):
+    """A training PEF compiled from a model whose parameters are on the meta device."""
+    ROPE_TABLES.clear()
+    model = as_meta(CachingLM())
+    samba.from_torch_model_(model)
+    optim = samba.optim.AdamW(model.parameters(), lr=1e-2)
+    folder = tmp_path_factory.mktemp("meta_pef")
+    path = samba.session.compile(
+        model,
+        keyword_inputs(batch(), scale=0.5, return_dict=False),
+        optimizers=optim,
+        name="caching_lm",
+        config_dict={"output_folder": str(folder)},
+        loss_indices=[0],
+    )
+    samba.session.reset()
+    return path
+
+
+def test_compile_with_optimizers_keyword_writes_a_training_pef(meta_pef):
+    assert "train" in PefFile(meta_pef).kinds
+
+
+def test_meta_compiled_pef_trains_real_weights_like_eager(meta_pef):
+    reference, model = fresh_pair()
+    optim = samba.optim.AdamW(model.parameters(), lr=1e-2)
+    inputs = keyword_inputs(batch(), scale=0.5, return_dict=False)
+    outputs = trace_graph(model, inputs, optim, loss_indices=[0], pef=meta_pef)
+    train_against_eager(model, reference, outputs, steps=3)
