@@ -32,6 +32,7 @@ from sambaflow.app.precision import requested_preset
 from sambaflow.app.tracing import _from_pef, load_pef, progress
 from sambaflow.atomic import check_writable, reported_as
 from sambaflow.errors import SambaRunError, SambaTraceError
+from sambaflow.passes.forward_only import drop_gradient_only_arguments
 from sambaflow.passes.inplace import update_inputs_in_place
 from sambaflow.passes.sections import FULL_STEP
 from sambaflow.pef.file import CompiledGraph, write_pef
@@ -41,7 +42,7 @@ from sambaflow.runtime.executable import Executable
 from sambaflow.runtime.multigraph import FwdGraph, RegionGraph
 from sambaflow.runtime.session import Session, session
 from sambaflow.tensors.sambatensor import SambaTensor
-from sambaflow.trace.calls import CallStructure, StructuredCall
+from sambaflow.trace.calls import CallStructure, structured_call
 from sambaflow.trace.graph import OUTPUT, TensorSpec, TracedGraph
 from sambaflow.trace.regions import GraphRegions, bind_regions, plan_regions, region_of
 from sambaflow.trace.tracer import trace_step
@@ -68,9 +69,11 @@ def trace_multigraph(model: nn.Module, inputs: Any, trace_prefix: str, **_: Any)
             "'_' and '-', starting with a letter"
         )
     structure = CallStructure.of(inputs, f"trace_multigraph('{trace_prefix}')")
-    call = StructuredCall(model, structure)
-    traced = trace_step(call, tuple(structure.tensors), [], backward=False, graphamp=requested_preset(None))
+    call = structured_call(model, structure)
+    stand_ins = {name: _stand_in(t) for name, t in structure.named().items()}
+    traced = trace_step(call, stand_ins, [], backward=False, graphamp=requested_preset(None))
     session.trace_count += 1
+    drop_gradient_only_arguments(traced.module)  # forward-only: the same graph with or without a pad token
     outputs = tuple(
         _placeholder(f"{trace_prefix}__outputs__{i}", spec.shape, spec.dtype)
         for i, spec in enumerate(traced.model_outputs)
@@ -83,6 +86,16 @@ def trace_multigraph(model: nn.Module, inputs: Any, trace_prefix: str, **_: Any)
         trace_prefix, traced, model, list(structure.tensors), outputs
     )
     return outputs
+
+
+def _stand_in(tensor: torch.Tensor) -> torch.Tensor:
+    """What the tracer sees for an input: its name, shape and dtype; integers as zeros. Only the
+    tracer's one real forward (which fills the model's caches) reads values, and dummy integer
+    inputs can be out of range for it (the modelzoo's dummy token ids go to 5000, past a small
+    vocabulary); zero is a valid index and count everywhere."""
+    if tensor.dtype.is_floating_point or tensor.dtype.is_complex:
+        return tensor
+    return SambaTensor(torch.zeros(tensor.shape, dtype=tensor.dtype), name=tensor.sn_name)
 
 
 def _placeholder(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> SambaTensor:

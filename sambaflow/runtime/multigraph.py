@@ -162,17 +162,18 @@ class MultigraphSession:
         if stored is not None and stored.shape == value.shape and stored.dtype == value.dtype:
             stored.copy_(value)
         else:
-            self.store[region] = value.detach().clone()
+            self.store[region] = value.detach().clone(memory_format=torch.contiguous_format)
         self._written.add(region)
 
     def _keep_outputs(self, staged: dict[str, torch.Tensor]) -> None:
-        """Store the outputs, each in its own memory (a program may return one tensor twice, or a
-        view of an input; later in-place updates of one region must not reach another)."""
+        """Store the outputs dense (graphs read their inputs with the traced contiguous layout),
+        each in its own memory (a program may return one tensor twice, or a view of an input;
+        later in-place updates of one region must not reach another)."""
         held = {t.untyped_storage().data_ptr() for n, t in self.store.items() if n not in staged}
         for name, value in staged.items():
             pointer = value.untyped_storage().data_ptr()
-            if pointer in held:
-                value = value.clone()
+            if pointer in held or not value.is_contiguous():
+                value = value.clone(memory_format=torch.contiguous_format)
             held.add(value.untyped_storage().data_ptr())
             self.store[name] = value
 

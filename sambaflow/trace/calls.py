@@ -3,9 +3,10 @@
 
 `CallStructure.of(inputs)` splits the arguments into named tensor leaves (the graph's inputs,
 each named once) and everything else (Python constants, None: fixed at trace time).
-`StructuredCall(model, structure)` is a module whose `forward(*tensors)` rebuilds the arguments
-and calls `model`; it shares `model`'s parameters, buffers and submodules (same paths, so the
-same names), so the step tracer traces it like `model` itself.
+`structured_call(model, structure)` is a module whose `forward(**tensors)` (keyword: each input
+by its name) rebuilds the arguments and calls `model`; it shares `model`'s parameters, buffers
+and submodules (same paths, so the same names) and its class name, so the step tracer traces it
+like `model` itself, as a keyword call (which primes cached tensors first, trace/constants.py).
 """
 
 from __future__ import annotations
@@ -44,8 +45,13 @@ class CallStructure:
             leaves.append(_index(value, pytree.keystr(path), by_name, tensors, where))
         return CallStructure(spec, leaves, tensors, keyword)
 
-    def rebuild(self, tensors: tuple[torch.Tensor, ...]) -> Any:
-        values = [leaf.value if isinstance(leaf, _Constant) else tensors[leaf] for leaf in self.leaves]
+    def named(self) -> dict[str, torch.Tensor]:
+        """The distinct input tensors by name: what the structured call takes as keywords."""
+        return {t.sn_name: t for t in self.tensors}
+
+    def rebuild(self, named: dict[str, torch.Tensor]) -> Any:
+        names = [t.sn_name for t in self.tensors]
+        values = [leaf.value if isinstance(leaf, _Constant) else named[names[leaf]] for leaf in self.leaves]
         return pytree.tree_unflatten(values, self.spec)
 
 
@@ -75,7 +81,7 @@ def _index(
 
 
 class StructuredCall(nn.Module):
-    """`forward(*tensors)` calls `model` with the arguments `structure` rebuilds from them."""
+    """`forward(**tensors)` calls `model` with the arguments `structure` rebuilds from them."""
 
     def __init__(self, model: nn.Module, structure: CallStructure) -> None:
         super().__init__()
@@ -87,11 +93,17 @@ class StructuredCall(nn.Module):
         object.__setattr__(self, "_sn_model", model)  # not a submodule: paths stay the model's
         object.__setattr__(self, "_sn_structure", structure)
 
-    def forward(self, *tensors: torch.Tensor) -> Any:
+    def forward(self, **tensors: torch.Tensor) -> Any:
         arguments = self._sn_structure.rebuild(tensors)
         if self._sn_structure.keyword:
             return self._sn_model(**arguments)
         return self._sn_model(*arguments)
 
 
-__all__ = ["CallStructure", "StructuredCall"]
+def structured_call(model: nn.Module, structure: CallStructure) -> StructuredCall:
+    """A `StructuredCall` of `model` whose class bears `model`'s class name (for trace errors)."""
+    cls = type(type(model).__name__, (StructuredCall,), {"__module__": type(model).__module__})
+    return cls(model, structure)
+
+
+__all__ = ["CallStructure", "StructuredCall", "structured_call"]
