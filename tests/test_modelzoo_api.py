@@ -21,6 +21,7 @@ from sambaflow import samba
 from sambaflow.errors import SambaTraceError
 from sambaflow.pef.file import PefFile
 from sambaflow.samba.utils import trace_graph
+from sambaflow.samba.utils.pef_utils import PefInfoStruct, get_pef_info, get_pefmeta_dict
 
 from helpers import rel_err
 
@@ -188,6 +189,15 @@ def as_meta(model: nn.Module) -> nn.Module:
     return model
 
 
+#: RDU compiler settings as SambaNova's configs give them (no effect here)
+COMPILE_SETTINGS = {
+    "arch": "sn30",
+    "optim_level": "o1",
+    "tiling_accum": "bf16sr",
+    "enable_hypersection": True,
+}
+
+
 @pytest.fixture(scope="module")
 def meta_pef(tmp_path_factory):
     """A training PEF compiled from a model whose parameters are on the meta device."""
@@ -196,12 +206,14 @@ def meta_pef(tmp_path_factory):
     samba.from_torch_model_(model)
     optim = samba.optim.AdamW(model.parameters(), lr=1e-2)
     folder = tmp_path_factory.mktemp("meta_pef")
+    samba.session.setup(COMPILE_SETTINGS)
     path = samba.session.compile(
         model,
         keyword_inputs(batch(), scale=0.5, return_dict=False),
         optimizers=optim,
         name="caching_lm",
-        config_dict={"output_folder": str(folder)},
+        config_dict={"output_folder": str(folder), **COMPILE_SETTINGS},
+        pef_metadata=get_pefmeta_dict({"app_args": {"seq": SEQ}, "optim_level": "o1"}, model),
         loss_indices=[0],
     )
     samba.session.reset()
@@ -218,3 +230,61 @@ def test_meta_compiled_pef_trains_real_weights_like_eager(meta_pef):
     inputs = keyword_inputs(batch(), scale=0.5, return_dict=False)
     outputs = trace_graph(model, inputs, optim, loss_indices=[0], pef=meta_pef)
     train_against_eager(model, reference, outputs, steps=3)
+
+
+def test_pef_metadata_reads_back_by_key(meta_pef):
+    got = get_pef_info(meta_pef, {"app_args": PefInfoStruct({}), "optim_level": PefInfoStruct(None)})
+    assert got == {"app_args": {"seq": SEQ}, "optim_level": "o1"}
+    assert get_pef_info(meta_pef, ["model"]) == {"model": "CachingLM"}
+    with pytest.raises(ValueError, match="not_there"):
+        get_pef_info(meta_pef, {"not_there": PefInfoStruct(1)})
+
+
+def test_rdu_settings_are_listed_in_one_compile_log_line(meta_pef):
+    log = open(meta_pef.removesuffix(".pef") + ".compile.log").read()
+    lines = [line for line in log.splitlines() if "no effect here" in line]
+    assert len(lines) == 1
+    for key, value in COMPILE_SETTINGS.items():
+        assert f"{key}={value}" in lines[0]
+    assert "output_folder" not in lines[0]
+
+
+def test_setup_records_the_apps_arguments():
+    samba.session.setup({"arch": "sn30", "pef": "x.pef"})
+    assert samba.session.setup_args == {"arch": "sn30", "pef": "x.pef"}
+    with pytest.raises(Exception, match="session.setup"):
+        samba.session.setup(42)
+
+
+def test_argconf_accepts_the_configs_keys_and_suggests_for_typos():
+    pytest.importorskip("pydantic")
+    from sambaflow.app.rdu_settings import EFFECTIVE, RDU_ONLY
+    from sambaflow.samba.argconf.args import CommonArgs, CompileArgs, RunArgs, rdu_only_settings
+
+    compile_args = CompileArgs(
+        arch="sn30",
+        output_folder="out",
+        optim_level="o1",
+        enable_mixed_precision_ops=["gemm", "softmax"],
+        resources_scaling_factors=["4", "4", "4"],
+        num_tiles=4,
+        data_parallel=True,
+        world_size=2,
+    )
+    assert compile_args.resources_scaling_factors == [4.0, 4.0, 4.0]
+    assert set(rdu_only_settings(compile_args)) == {
+        "arch",
+        "optim_level",
+        "enable_mixed_precision_ops",
+        "resources_scaling_factors",
+        "num_tiles",
+    }
+    assert RunArgs(pef="a.pef", arch="sn30").pef == "a.pef"
+    # every field is either effective or listed as RDU-only: none is silently ignored
+    fields = set(CompileArgs.model_fields) | set(RunArgs.model_fields)
+    assert fields == (fields & EFFECTIVE) | (fields & set(RDU_ONLY))
+    assert set(CommonArgs.model_fields) <= set(CompileArgs.model_fields) & set(RunArgs.model_fields)
+    with pytest.raises(ValueError, match="did you mean 'optim_level'"):
+        CompileArgs(optim_levl="o1")
+    with pytest.raises(ValueError, match="no argument 'samba_pef'"):
+        RunArgs(samba_pef="x")

@@ -47,7 +47,29 @@ class Session:
         self.pinned_memory = False
         self.trace_count = 0
         self._compiler: Callable[..., str] | None = None
+        #: what the app gave `setup` (SambaNova's modelzoo: its CompileArgs / RunArgs), as a dict
+        self.setup_args: dict[str, Any] = {}
         self.reset()
+
+    def setup(self, args: Any = None, **kwargs: Any) -> None:
+        """Prepare for compile or run with the app's SambaFlow arguments (a pydantic model such as
+        `samba.argconf.args.CompileArgs`, a dict or an argparse namespace). They are recorded:
+        compile lists the RDU compiler settings among them as having no effect. Nothing else
+        needs preparing here (no device discovery, no runtime environment)."""
+        if args is None:
+            given: dict[str, Any] = {}
+        elif hasattr(args, "model_dump"):
+            given = args.model_dump()
+        elif isinstance(args, Mapping):
+            given = dict(args)
+        elif hasattr(args, "__dict__"):
+            given = dict(vars(args))
+        else:
+            raise SambaRunError(
+                f"session.setup: expected the app's arguments (a pydantic model, dict or namespace), "
+                f"got {type(args).__name__}"
+            )
+        self.setup_args = {**given, **kwargs}
 
     # --- lifecycle ------------------------------------------------------------------------------
     def reset(self) -> None:
