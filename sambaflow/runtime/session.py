@@ -23,6 +23,7 @@ from sambaflow.passes.sections import FULL_STEP, SAVED_PREFIX
 from sambaflow.runtime.executable import Executable
 from sambaflow.runtime.feeds import check_seed, expand_hyperparams, match_inputs, resolve_sections
 from sambaflow.runtime.index_check import explained_failures
+from sambaflow.runtime.transfers import Transfers
 from sambaflow.tensors.current import set_current_session
 from sambaflow.tensors.model import buffer_name
 from sambaflow.tensors.sambatensor import SambaTensor, named_view
@@ -39,7 +40,7 @@ from sambaflow.trace.graph import (
 )
 
 
-class Session:
+class Session(Transfers):
     """What `samba.session` is: one per process."""
 
     def __init__(self) -> None:
@@ -75,6 +76,7 @@ class Session:
     def reset(self) -> None:
         """Forget the traced graph and the device tensor store."""
         self.executable: Executable | None = None
+        self.host_model = None
         #: named graphs sharing the store (`load_graphs`); `run(graph_name=)` makes one current
         self.graphs: dict[str, Executable] = {}
         self.store: dict[str, torch.Tensor] = {}
@@ -95,6 +97,7 @@ class Session:
         optimizers: Sequence[SambaOptimizer],
         init_output_grads: bool = True,
         grad_accumulation_steps: int = 1,
+        transfer_device: bool = True,
     ) -> list[SambaTensor]:
         """Make `executable` current and move the host model and optimizer state to the device.
 
@@ -109,7 +112,9 @@ class Session:
         self.store.update((n, torch.tensor(v, dtype=torch.float64)) for n, v in graph.hyper_defaults.items())
         for spec in graph.inputs_with_role(INPUT):
             self.store[spec.name] = torch.zeros(spec.shape, dtype=spec.dtype)
-        self.to_rdu(model, self.optimizers)
+        self.host_model = model
+        if transfer_device:  # else the app calls to_device() (SambaNova's data-parallel modelzoo app)
+            self.to_rdu(model, self.optimizers)
         return self._outputs()
 
     def load_graphs(
@@ -205,8 +210,11 @@ class Session:
         self, model: nn.Module, optimizers: Sequence[SambaOptimizer] | SambaOptimizer | None = None
     ) -> None:
         """Copy device weights (and, given optimizers, their state) back into the host objects;
-        a host tensor the store holds as its own memory (`to_rdu`) has the device's values already."""
-        self._require_graph("to_cpu")
+        a host tensor the store holds as its own memory (`to_rdu`) has the device's values already.
+        With no graph loaded the host weights are the only ones, and there is nothing to copy (the
+        modelzoo's eager apps call it)."""
+        if self.executable is None:
+            return
         with torch.no_grad():
             for name, tensor in _host_tensors(model):
                 stored = self.store.get(name)

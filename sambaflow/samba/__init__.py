@@ -22,6 +22,12 @@ from sambaflow.tensors.sambatensor import SambaParameter, SambaTensor
 
 session.set_compiler(compile_pef)  # the public layer wires the app's compiler into the runtime
 
+# --- SambaNova's modelzoo (training) ---------------------------------------------------------------
+from sambaflow.runtime import mpi_fallback  # noqa: E402
+from sambaflow.samba import lazy_param  # noqa: E402,F401
+
+mpi_fallback.install()  # init_process_group(backend='mpi') joins with gloo where MPI is missing, saying so
+
 __all__ = [
     "SambaParameter",
     "SambaTensor",
