@@ -20,9 +20,11 @@ from torch import nn
 from sambaflow.errors import SambaRunError
 from sambaflow.optim.base import SambaOptimizer, hyper_name, state_name
 from sambaflow.passes.sections import FULL_STEP, SAVED_PREFIX
+from sambaflow.runtime.directives import SessionDirectives
 from sambaflow.runtime.executable import Executable
 from sambaflow.runtime.feeds import check_seed, expand_hyperparams, match_inputs, resolve_sections
 from sambaflow.runtime.index_check import explained_failures
+from sambaflow.runtime.multigraph import MultigraphSession
 from sambaflow.runtime.transfers import Transfers
 from sambaflow.tensors.current import set_current_session
 from sambaflow.tensors.model import buffer_name
@@ -40,8 +42,9 @@ from sambaflow.trace.graph import (
 )
 
 
-class Session(Transfers):
-    """What `samba.session` is: one per process."""
+class Session(SessionDirectives, MultigraphSession, Transfers):
+    """What `samba.session` is: one per process (directives: runtime/directives.py; SambaFlow's
+    multigraph API: runtime/multigraph.py; the modelzoo's host/device transfers: runtime/transfers.py)."""
 
     def __init__(self) -> None:
         self.tracing = True
@@ -50,6 +53,8 @@ class Session(Transfers):
         self._compiler: Callable[..., str] | None = None
         #: what the app gave `setup` (SambaNova's modelzoo: its CompileArgs / RunArgs), as a dict
         self.setup_args: dict[str, Any] = {}
+        self._reset_directives()
+        self._reset_multigraph()
         self.reset()
 
     def setup(self, args: Any = None, **kwargs: Any) -> None:
@@ -89,6 +94,7 @@ class Session(Transfers):
         self._accumulated: dict[str, torch.Tensor] = {}  # gradients summed over the runs so far
         self._accumulated_runs = 0
         self._replicas_checked = False
+        self._reset_region_runtime()
 
     def load(
         self,
@@ -269,7 +275,10 @@ class Session(Transfers):
 
         With `data_parallel` (or `reduce_on_rdu`) the gradients are averaged over all replicas
         (`runtime/communicator.py`) once backward made them, before gradnorm and opt. With
-        `graph_name`, that one of the loaded graphs (`load_graphs`) runs, and stays current."""
+        `graph_name`, that one of the loaded graphs (`load_graphs`) runs, and stays current; after
+        `init_multigraph_runtime`, that graph of the multigraph PEF (runtime/multigraph.py)."""
+        if self.region_graphs:
+            return self.run_region_graph(_multigraph_name(graph_name, self.region_graphs), input_tensors)
         if graph_name is not None:
             self._select_graph(graph_name)
         if isinstance(output_tensors, torch.Tensor):  # one output tensor (the loss, say)
@@ -460,6 +469,15 @@ class Session(Transfers):
 
     def disable_pinned_memory(self) -> None:
         self.pinned_memory = False
+
+
+def _multigraph_name(graph_name: str | None, graphs: Mapping[str, Any]) -> str:
+    if graph_name is None:
+        raise SambaRunError(
+            f"session.run: a multigraph PEF is loaded (init_multigraph_runtime): pass graph_name= "
+            f"one of {sorted(graphs)}"
+        )
+    return graph_name
 
 
 def _host_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:

@@ -1,0 +1,207 @@
+"""SambaFlow's multigraph API, app side: trace graphs, compile them into one PEF, load them.
+
+    outputs = samba.utils.trace_multigraph(model, {'input_ids': ids, 'use_cache': True},
+                                           trace_prefix='cache_gen')      # outputs: named SambaTensors
+    outputs[1].sn_region_name = ...                                        # connect graphs by region
+    samba.session.add_graph(samba.graph.FwdGraph(inputs, outputs, name='cache_gen'))
+    samba.session.compile_multigraph(name='textgen', config_dict=cfg)      # one PEF, a graph each
+    ...                                                                    # run: trace and add again
+    samba.session.init_multigraph_runtime(pef)
+
+Each graph is a forward graph of its own model (the models may share weights: a weight is one
+device tensor by its name). `trace_multigraph` traces `model(**inputs)` (or `model(*inputs)`),
+where inputs may nest tuples, lists and dicts of named tensors beside Python constants, and
+returns the flattened outputs as SambaTensors named `<trace_prefix>__outputs__<i>`. Region names
+set on inputs and outputs before `compile_multigraph` / `init_multigraph_runtime` decide which
+tensors the graphs share (trace/regions.py).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from sambaflow.app.backend_choice import choose_backend
+from sambaflow.app.compile import CompileLog, _header, pef_path_for
+from sambaflow.app.precision import requested_preset
+from sambaflow.app.tracing import _from_pef, load_pef, progress
+from sambaflow.atomic import check_writable, reported_as
+from sambaflow.errors import SambaRunError, SambaTraceError
+from sambaflow.passes.inplace import update_inputs_in_place
+from sambaflow.passes.sections import FULL_STEP
+from sambaflow.pef.file import CompiledGraph, write_pef
+from sambaflow.pef.schema import GRAPH_NAME
+from sambaflow.pef.sign import key_path, load_key, user_key
+from sambaflow.runtime.executable import Executable
+from sambaflow.runtime.multigraph import FwdGraph, RegionGraph
+from sambaflow.runtime.session import Session, session
+from sambaflow.tensors.sambatensor import SambaTensor
+from sambaflow.trace.calls import CallStructure, StructuredCall
+from sambaflow.trace.graph import OUTPUT, TensorSpec, TracedGraph
+from sambaflow.trace.regions import GraphRegions, bind_regions, plan_regions, region_of
+from sambaflow.trace.tracer import trace_step
+
+
+@dataclass
+class TracedMultigraph:
+    """What `trace_multigraph` traced: the graph, its model, inputs and returned outputs."""
+
+    name: str
+    traced: TracedGraph
+    model: nn.Module
+    inputs: list[torch.Tensor]
+    outputs: tuple[SambaTensor, ...]
+
+
+def trace_multigraph(model: nn.Module, inputs: Any, trace_prefix: str, **_: Any) -> tuple[SambaTensor, ...]:
+    """Trace the forward graph `trace_prefix` of `model` on `inputs`; return its outputs."""
+    import re
+
+    if not isinstance(trace_prefix, str) or re.fullmatch(GRAPH_NAME, trace_prefix) is None:
+        raise SambaTraceError(
+            f"trace_multigraph: trace_prefix {trace_prefix!r} names the graph: use letters, digits, "
+            "'_' and '-', starting with a letter"
+        )
+    structure = CallStructure.of(inputs, f"trace_multigraph('{trace_prefix}')")
+    call = StructuredCall(model, structure)
+    traced = trace_step(call, tuple(structure.tensors), [], backward=False, graphamp=requested_preset(None))
+    session.trace_count += 1
+    outputs = tuple(
+        _placeholder(f"{trace_prefix}__outputs__{i}", spec.shape, spec.dtype)
+        for i, spec in enumerate(traced.model_outputs)
+    )
+    traced.outputs = [
+        TensorSpec(t.sn_name, OUTPUT, s.shape, s.dtype) for t, s in zip(outputs, traced.outputs)
+    ]
+    traced._by_role = {}
+    session.traced_multigraphs[trace_prefix] = TracedMultigraph(
+        trace_prefix, traced, model, list(structure.tensors), outputs
+    )
+    return outputs
+
+
+def _placeholder(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> SambaTensor:
+    """An output's host stand-in: right shape and dtype, no memory (read values from the device
+    with get_tensors_by_name after a run)."""
+    return SambaTensor(torch.zeros((), dtype=dtype).expand(shape), name=name)
+
+
+def bound_graphs(current: Session) -> tuple[dict[str, TracedMultigraph], dict[str, TracedGraph], dict]:
+    """The added graphs, each traced graph named by region, and the regions' specs."""
+    if not current.added_graphs:
+        raise SambaTraceError(
+            "no graphs were added: trace each graph with trace_multigraph and add it with "
+            "samba.session.add_graph(FwdGraph(inputs, outputs, name=...)) first"
+        )
+    found = {name: _traced_for(current, graph) for name, graph in current.added_graphs.items()}
+    plans = [_graph_regions(name, found[name]) for name in found]
+    regions = plan_regions(plans)
+    return found, {plan.name: bind_regions(plan, regions) for plan in plans}, regions
+
+
+def _traced_for(current: Session, graph: FwdGraph) -> TracedMultigraph:
+    traced = current.traced_multigraphs.get(graph.name)
+    if traced is None:
+        raise SambaTraceError(
+            f"graph '{graph.name}' was added but not traced: call trace_multigraph(model, inputs, "
+            f"trace_prefix='{graph.name}') and add the outputs it returns; traced: {sorted(current.traced_multigraphs)}"
+        )
+    outputs = tuple(graph.outputs) if isinstance(graph.outputs, (list, tuple)) else (graph.outputs,)
+    if len(outputs) != len(traced.outputs) or any(a is not b for a, b in zip(outputs, traced.outputs)):
+        raise SambaTraceError(
+            f"graph '{graph.name}': FwdGraph's outputs are not the tensors trace_multigraph returned "
+            f"for trace_prefix='{graph.name}'; pass those ({len(traced.outputs)} tensors)"
+        )
+    return traced
+
+
+def _graph_regions(name: str, traced: TracedMultigraph) -> GraphRegions:
+    inputs = {t.sn_name: region_of(t) for t in traced.inputs}
+    return GraphRegions(name, traced.traced, inputs, [region_of(t) for t in traced.outputs])
+
+
+def _programs(graph: TracedGraph) -> tuple[dict[str, Any], list[str]]:
+    """The graph's one program, writing outputs whose region is one of its inputs in place."""
+    from sambaflow.passes.sections import full_step_program
+
+    result = update_inputs_in_place(full_step_program(graph))
+    return {FULL_STEP: result.program, "fwd": result.program}, result.updated
+
+
+def compile_multigraph(
+    current: Session,
+    name: str | None = None,
+    config_dict: dict[str, Any] | None = None,
+    pef_metadata: dict[str, Any] | None = None,
+    backend: str | None = None,
+    **_: Any,
+) -> str:
+    """Trace-checked, compiled and written: every added graph into one PEF; returns its path.
+    `enable_hypersection` and other RDU compiler options are accepted and have no effect."""
+    config = dict(config_dict or {})
+    name = name or "multigraph"
+    path = pef_path_for(name, config, True)
+    check_writable(path, "the PEF")
+    key = load_key(key_path(config.get("sign_key"))) or user_key(create=True)
+    log = CompileLog(path)
+    chosen = choose_backend(backend or config.get("backend"), log.note)
+    started = time.perf_counter()
+    found, bound, regions = bound_graphs(current)
+    log.note(f"multigraph '{name}': graphs {list(bound)} sharing {len(regions)} input/output regions")
+    compiled = {}
+    for graph_name, graph in bound.items():
+        programs, updated = _programs(graph)
+        executable = Executable(graph, chosen, programs)
+        log.note(
+            f"compiling graph '{graph_name}' of {type(found[graph_name].model).__name__} with the "
+            f"{chosen.name} backend" + (f" (in place: {', '.join(updated)})" if updated else "")
+        )
+        compiled[graph_name] = CompiledGraph(graph, programs, executable.binaries())
+    header = _header(name, chosen, config, pef_metadata, True, False, None)
+    main = next(iter(bound.values()))
+    header["precision"] = main.precision
+    with reported_as(path, "the PEF"):
+        write_pef(
+            path, header, compiled, "\n\n".join(f"# graph {n}\n{g.as_text()}" for n, g in bound.items()), key
+        )
+    log.note(
+        f"wrote {path} ({os.path.getsize(path) / 1024:.0f} KiB) in {time.perf_counter() - started:.1f} s"
+    )
+    log.finish(config, main)
+    return path
+
+
+def init_multigraph_runtime(current: Session, pef: str, **_: Any) -> None:
+    """Check the added graphs (traced again by the app) against `pef`, load its programs, and put
+    every graph's model weights on the device."""
+    if not isinstance(pef, str) or not pef:
+        raise SambaRunError(f"init_multigraph_runtime: pef must be the path of a compiled PEF, got {pef!r}")
+    pef_file = load_pef(pef)
+    found, bound, regions = bound_graphs(current)
+    missing = [n for n in bound if n not in pef_file.kinds]
+    if missing:
+        raise SambaRunError(
+            f"init_multigraph_runtime: '{pef}' has no graph(s) {missing}; it holds {sorted(pef_file.kinds)}: "
+            "recompile it with the graphs this app adds"
+        )
+    loaded = {}
+    for graph_name, graph in bound.items():
+        executable = _from_pef(pef_file, graph, False, kind=graph_name)
+        _, updated = _programs(graph)
+        loaded[graph_name] = RegionGraph(executable, found[graph_name].model, updated)
+    current.load_region_graphs(loaded, {r: s for r, s in regions.items() if _is_input_region(r, bound)})
+    progress(f"loaded multigraph PEF {pef}: graphs {list(loaded)}")
+
+
+def _is_input_region(region: str, bound: dict[str, TracedGraph]) -> bool:
+    from sambaflow.trace.graph import INPUT
+
+    return any(s.name == region for g in bound.values() for s in g.inputs_with_role(INPUT))
+
+
+__all__ = ["compile_multigraph", "init_multigraph_runtime", "trace_multigraph"]
