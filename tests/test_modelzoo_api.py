@@ -21,6 +21,7 @@ from sambaflow import samba
 from sambaflow.errors import SambaTraceError
 from sambaflow.pef.file import PefFile
 from sambaflow.samba.utils import trace_graph
+from sambaflow.samba.utils.pef_utils import PefInfoStruct, get_pef_info, get_pefmeta_dict
 
 from helpers import rel_err
 
@@ -188,6 +189,15 @@ def as_meta(model: nn.Module) -> nn.Module:
     return model
 
 
+#: RDU compiler settings as SambaNova's configs give them (no effect here)
+COMPILE_SETTINGS = {
+    "arch": "sn30",
+    "optim_level": "o1",
+    "tiling_accum": "bf16sr",
+    "enable_hypersection": True,
+}
+
+
 @pytest.fixture(scope="module")
 def meta_pef(tmp_path_factory):
     """A training PEF compiled from a model whose parameters are on the meta device."""
@@ -196,12 +206,14 @@ def meta_pef(tmp_path_factory):
     samba.from_torch_model_(model)
     optim = samba.optim.AdamW(model.parameters(), lr=1e-2)
     folder = tmp_path_factory.mktemp("meta_pef")
+    samba.session.setup(COMPILE_SETTINGS)
     path = samba.session.compile(
         model,
         keyword_inputs(batch(), scale=0.5, return_dict=False),
         optimizers=optim,
         name="caching_lm",
-        config_dict={"output_folder": str(folder)},
+        config_dict={"output_folder": str(folder), **COMPILE_SETTINGS},
+        pef_metadata=get_pefmeta_dict({"app_args": {"seq": SEQ}, "optim_level": "o1"}, model),
         loss_indices=[0],
     )
     samba.session.reset()
@@ -218,3 +230,163 @@ def test_meta_compiled_pef_trains_real_weights_like_eager(meta_pef):
     inputs = keyword_inputs(batch(), scale=0.5, return_dict=False)
     outputs = trace_graph(model, inputs, optim, loss_indices=[0], pef=meta_pef)
     train_against_eager(model, reference, outputs, steps=3)
+
+
+def test_pef_metadata_reads_back_by_key(meta_pef):
+    got = get_pef_info(meta_pef, {"app_args": PefInfoStruct({}), "optim_level": PefInfoStruct(None)})
+    assert got == {"app_args": {"seq": SEQ}, "optim_level": "o1"}
+    assert get_pef_info(meta_pef, ["model"]) == {"model": "CachingLM"}
+    with pytest.raises(ValueError, match="not_there"):
+        get_pef_info(meta_pef, {"not_there": PefInfoStruct(1)})
+
+
+def test_rdu_settings_are_listed_in_one_compile_log_line(meta_pef):
+    log = open(meta_pef.removesuffix(".pef") + ".compile.log").read()
+    lines = [line for line in log.splitlines() if "no effect here" in line]
+    assert len(lines) == 1
+    for key, value in COMPILE_SETTINGS.items():
+        assert f"{key}={value}" in lines[0]
+    assert "output_folder" not in lines[0]
+
+
+def test_setup_records_the_apps_arguments():
+    samba.session.setup({"arch": "sn30", "pef": "x.pef"})
+    assert samba.session.setup_args == {"arch": "sn30", "pef": "x.pef"}
+    with pytest.raises(Exception, match="session.setup"):
+        samba.session.setup(42)
+
+
+def test_argconf_accepts_the_configs_keys_and_suggests_for_typos():
+    pytest.importorskip("pydantic")
+    from sambaflow.app.rdu_settings import EFFECTIVE, RDU_ONLY
+    from sambaflow.samba.argconf.args import CommonArgs, CompileArgs, RunArgs, rdu_only_settings
+
+    compile_args = CompileArgs(
+        arch="sn30",
+        output_folder="out",
+        optim_level="o1",
+        enable_mixed_precision_ops=["gemm", "softmax"],
+        resources_scaling_factors=["4", "4", "4"],
+        num_tiles=4,
+        data_parallel=True,
+        world_size=2,
+    )
+    assert compile_args.resources_scaling_factors == [4.0, 4.0, 4.0]
+    assert set(rdu_only_settings(compile_args)) == {
+        "arch",
+        "optim_level",
+        "enable_mixed_precision_ops",
+        "resources_scaling_factors",
+        "num_tiles",
+    }
+    assert RunArgs(pef="a.pef", arch="sn30").pef == "a.pef"
+    # every field is either effective or listed as RDU-only: none is silently ignored
+    fields = set(CompileArgs.model_fields) | set(RunArgs.model_fields)
+    assert fields == (fields & EFFECTIVE) | (fields & set(RDU_ONLY))
+    assert set(CommonArgs.model_fields) <= set(CompileArgs.model_fields) & set(RunArgs.model_fields)
+    with pytest.raises(ValueError, match="did you mean 'optim_level'"):
+        CompileArgs(optim_levl="o1")
+    with pytest.raises(ValueError, match="no argument 'samba_pef'"):
+        RunArgs(samba_pef="x")
+
+
+def test_traced_on_meta_without_transfer_then_to_device_trains_real_weights(meta_pef):
+    """The data-parallel app's order: trace meta weights with transfer_device=False, build the model
+    again with real weights, convert it, to_device(), train; to_cpu fills the new model."""
+    ROPE_TABLES.clear()
+    traced = as_meta(CachingLM())
+    samba.from_torch_model_(traced)
+    optim = samba.optim.AdamW(traced.parameters(), lr=1e-2)
+    inputs = keyword_inputs(batch(), scale=0.5, return_dict=False)
+    outputs = trace_graph(traced, inputs, optim, loss_indices=[0], pef=meta_pef, transfer_device=False)
+    assert not any(p.has_data for p in samba.session._traced_tensors())
+    reference, model = fresh_pair()  # real weights, converted last
+    samba.session.to_device()
+    assert set(samba.session.optim_dict) >= {"embed__weight__exp_avg", "head__bias__exp_avg_sq"}
+    train_against_eager(model, reference, outputs, steps=2)
+
+
+def test_to_device_refuses_a_model_without_values():
+    _, model = fresh_pair()
+    trace_graph(model, keyword_inputs(batch(), scale=0.5), None)
+    with pytest.raises(Exception, match="meta device"):
+        samba.session.to_device(as_meta(CachingLM()))
+
+
+def test_to_cpu_with_no_graph_leaves_host_weights_alone():
+    model = CachingLM()
+    before = [p.clone() for p in model.parameters()]
+    samba.session.to_cpu(model)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_rank_helpers_without_a_launcher(monkeypatch):
+    from sambaflow.samba.utils import get_rank, get_world_size, is_main_process
+
+    for var in ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    assert (get_rank(), get_world_size(), is_main_process()) == (0, 1, True)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29999")
+    assert (get_rank(), get_world_size(), is_main_process()) == (1, 2, False)
+
+
+def test_init_process_group_mpi_joins_with_gloo_and_says_so():
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, torch.distributed as dist\n"
+        "from sambaflow import samba\n"
+        "assert not dist.is_mpi_available()\n"
+        "dist.init_process_group(backend='mpi')\n"
+        "print(dist.get_backend(), dist.get_world_size())\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[-1] == "gloo 1"
+    assert sum("no MPI backend" in line and "gloo" in line for line in lines) == 1
+
+
+def test_load_sharded_checkpoint_fills_meta_parameters(tmp_path):
+    pytest.importorskip("safetensors")
+    from safetensors.torch import save_file
+
+    from sambaflow.samba.utils.checkpoint import load_sharded_checkpoint
+
+    source = CachingLM()
+    state = {k: v.contiguous() for k, v in source.state_dict().items()}
+    save_file(state, str(tmp_path / "model.safetensors"))
+    model = as_meta(CachingLM())
+    samba.from_torch_model_(model)
+    load_sharded_checkpoint(model, str(tmp_path), ignore_dtype_mismatch=True)
+    for (name, p), q in zip(model.named_parameters(), source.parameters()):
+        assert p.has_data and torch.equal(p, q) and p.sn_name == name.replace(".", "__")
+    del state["head.bias"]
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(Exception, match=r"missing \['head.bias'\]"):
+        load_sharded_checkpoint(CachingLM(), str(tmp_path))
+
+
+def test_lazy_parameters_are_repeatable_under_a_seed():
+    from sambaflow.samba.lazy_param import RNGProviderFactory
+    from sambaflow.samba.nn.parameter import SambaParameter
+
+    def make():
+        provider = RNGProviderFactory().build_provider()
+        return SambaParameter(
+            shape=(64, 32),
+            dtype=torch.bfloat16,
+            materializer=lambda p: provider().normal(0.0, 0.02, p.shape, dtype=p.dtype),
+        )
+
+    torch.manual_seed(3)
+    a = make()
+    torch.manual_seed(3)
+    b = make()
+    assert torch.equal(a, b) and a.dtype == torch.bfloat16
+    assert abs(a.float().std().item() - 0.02) < 0.004 and abs(a.float().mean().item()) < 0.004

@@ -209,13 +209,21 @@ class CompileLog:
         self.lines.append(f"[{time.perf_counter() - self.started:7.2f}s] {message}")
 
     def finish(self, config: dict[str, Any], graph: Any) -> None:
-        from sambaflow.app.args import ineffective_arguments
+        from sambaflow.app.args import INEFFECTIVE_ARGUMENTS, ineffective_arguments
+        from sambaflow.app.rdu_settings import no_effect_line, rdu_only_given
 
         report = [
             f"sambaflow {sambaflow.__version__}, torch {torch.__version__}, python {sys.version.split()[0]}",
             "arguments: " + json.dumps(jsonable(config), sort_keys=True),
         ]
-        unused = ineffective_arguments(_namespace(config)) if config else []
+        # SambaNova's modelzoo (samba_compile: CompileArgs) gives RDU settings the argument parser
+        # has no flag for: then they are all listed in one line, the flagged ones included
+        given = rdu_only_given(config)
+        flagged = set(INEFFECTIVE_ARGUMENTS) | {"log_level", "log_dir", "reduce_on_rdu"}  # parse_app_args's
+        rdu = no_effect_line(config) if set(given) - flagged else None
+        rest = {k: v for k, v in config.items() if not (rdu and k in given)}
+        unused = ineffective_arguments(_namespace(rest)) if rest else []
+        unused += [rdu] if rdu else []
         report += [f"NO EFFECT: {line}" for line in unused] or ["every given argument took effect"]
         report += [f"fixed at compile time (not run-time inputs): {note}" for note in graph.baked]
         report += [f"run-time hyperparameters: {graph.hyper_defaults}"]

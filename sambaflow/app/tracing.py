@@ -68,7 +68,8 @@ def trace_graph(
     otherwise the step is compiled here with `backend` (default: the parsed `--backend`, else
     `$SAMBAFLOW_BACKEND`, else inductor; programs compile on first use and are cached on disk),
     saying so in one line. With no optimizer the graph is
-    forward-only. Returns the graph's outputs, also stored as `model.output_tensors`.
+    forward-only. Returns the graph's outputs, also stored as `model.output_tensors`. With
+    `transfer_device=False` no weights move: the app calls `session.to_device()` later.
 
     With a signing key (`sign_key`, else the parsed `--sign-key`, else `$SAMBAFLOW_SIGN_KEY`) only a
     PEF signed with it loads; its signature is checked before anything in it is used.
@@ -113,7 +114,7 @@ def trace_graph(
             f"gradient accumulation: each run adds its gradients; the weights update once every {steps} runs"
         )
     check_step_fits(executable)
-    outputs = session.load(executable, model, optimizers, init_output_grads, steps)
+    outputs = session.load(executable, model, optimizers, init_output_grads, steps, transfer_device)
     model.output_tensors = outputs
     return outputs
 

@@ -25,6 +25,7 @@ from sambaflow.runtime.executable import Executable
 from sambaflow.runtime.feeds import check_seed, expand_hyperparams, match_inputs, resolve_sections
 from sambaflow.runtime.index_check import explained_failures
 from sambaflow.runtime.multigraph import MultigraphSession
+from sambaflow.runtime.transfers import Transfers
 from sambaflow.tensors.current import set_current_session
 from sambaflow.tensors.model import buffer_name
 from sambaflow.tensors.sambatensor import SambaTensor, named_view
@@ -41,23 +42,46 @@ from sambaflow.trace.graph import (
 )
 
 
-class Session(SessionDirectives, MultigraphSession):
+class Session(SessionDirectives, MultigraphSession, Transfers):
     """What `samba.session` is: one per process (directives: runtime/directives.py; SambaFlow's
-    multigraph API: runtime/multigraph.py)."""
+    multigraph API: runtime/multigraph.py; the modelzoo's host/device transfers: runtime/transfers.py)."""
 
     def __init__(self) -> None:
         self.tracing = True
         self.pinned_memory = False
         self.trace_count = 0
         self._compiler: Callable[..., str] | None = None
+        #: what the app gave `setup` (SambaNova's modelzoo: its CompileArgs / RunArgs), as a dict
+        self.setup_args: dict[str, Any] = {}
         self._reset_directives()
         self._reset_multigraph()
         self.reset()
+
+    def setup(self, args: Any = None, **kwargs: Any) -> None:
+        """Prepare for compile or run with the app's SambaFlow arguments (a pydantic model such as
+        `samba.argconf.args.CompileArgs`, a dict or an argparse namespace). They are recorded:
+        compile lists the RDU compiler settings among them as having no effect. Nothing else
+        needs preparing here (no device discovery, no runtime environment)."""
+        if args is None:
+            given: dict[str, Any] = {}
+        elif hasattr(args, "model_dump"):
+            given = args.model_dump()
+        elif isinstance(args, Mapping):
+            given = dict(args)
+        elif hasattr(args, "__dict__"):
+            given = dict(vars(args))
+        else:
+            raise SambaRunError(
+                f"session.setup: expected the app's arguments (a pydantic model, dict or namespace), "
+                f"got {type(args).__name__}"
+            )
+        self.setup_args = {**given, **kwargs}
 
     # --- lifecycle ------------------------------------------------------------------------------
     def reset(self) -> None:
         """Forget the traced graph and the device tensor store."""
         self.executable: Executable | None = None
+        self.host_model = None
         #: named graphs sharing the store (`load_graphs`); `run(graph_name=)` makes one current
         self.graphs: dict[str, Executable] = {}
         self.store: dict[str, torch.Tensor] = {}
@@ -79,6 +103,7 @@ class Session(SessionDirectives, MultigraphSession):
         optimizers: Sequence[SambaOptimizer],
         init_output_grads: bool = True,
         grad_accumulation_steps: int = 1,
+        transfer_device: bool = True,
     ) -> list[SambaTensor]:
         """Make `executable` current and move the host model and optimizer state to the device.
 
@@ -93,7 +118,9 @@ class Session(SessionDirectives, MultigraphSession):
         self.store.update((n, torch.tensor(v, dtype=torch.float64)) for n, v in graph.hyper_defaults.items())
         for spec in graph.inputs_with_role(INPUT):
             self.store[spec.name] = torch.zeros(spec.shape, dtype=spec.dtype)
-        self.to_rdu(model, self.optimizers)
+        self.host_model = model
+        if transfer_device:  # else the app calls to_device() (SambaNova's data-parallel modelzoo app)
+            self.to_rdu(model, self.optimizers)
         return self._outputs()
 
     def load_graphs(
@@ -189,8 +216,11 @@ class Session(SessionDirectives, MultigraphSession):
         self, model: nn.Module, optimizers: Sequence[SambaOptimizer] | SambaOptimizer | None = None
     ) -> None:
         """Copy device weights (and, given optimizers, their state) back into the host objects;
-        a host tensor the store holds as its own memory (`to_rdu`) has the device's values already."""
-        self._require_graph("to_cpu")
+        a host tensor the store holds as its own memory (`to_rdu`) has the device's values already.
+        With no graph loaded the host weights are the only ones, and there is nothing to copy (the
+        modelzoo's eager apps call it)."""
+        if self.executable is None:
+            return
         with torch.no_grad():
             for name, tensor in _host_tensors(model):
                 stored = self.store.get(name)

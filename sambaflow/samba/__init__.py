@@ -30,6 +30,12 @@ from sambaflow.tensors.ops import triu_fill  # noqa: E402
 
 session.set_multigraph_hooks(compile_multigraph, init_multigraph_runtime)
 
+# --- SambaNova's modelzoo (training) ---------------------------------------------------------------
+from sambaflow.runtime import mpi_fallback  # noqa: E402
+from sambaflow.samba import lazy_param  # noqa: E402,F401
+
+mpi_fallback.install()  # init_process_group(backend='mpi') joins with gloo where MPI is missing, saying so
+
 __all__ = [
     "SambaParameter",
     "SambaTensor",

@@ -95,6 +95,11 @@ class SambaTensor(torch.Tensor):
         """Host copy. Host and device memory are both host memory for the CPU backend."""
         return self._renamed(torch.Tensor.cpu(self, *args, **kwargs))
 
+    @property
+    def has_data(self) -> bool:
+        """False for a tensor on the `meta` device (accelerate's `init_empty_weights`): no values."""
+        return self.device.type != "meta"
+
     def rdu(self) -> SambaTensor:
         """Mark for the device; data moves to the device when a graph runs."""
         return self

@@ -19,10 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-#: fields that take effect here; every other field is an RDU compiler setting with no effect
-EFFECTIVE = frozenset(
-    {"output_folder", "pef_name", "inference", "data_parallel", "world_size", "pef", "debug", "verbose"}
-)
+from sambaflow.app.rdu_settings import no_effect_line, rdu_only_given
 
 
 class _Strict(BaseModel):
@@ -104,14 +101,8 @@ class RunArgs(CommonArgs):
 
 
 def rdu_only_settings(args: BaseModel | dict[str, Any]) -> dict[str, Any]:
-    """The RDU compiler settings given a value (not None, not the default): they have no effect here."""
-    values = args.model_dump() if isinstance(args, BaseModel) else dict(args)
-    defaults = {name: f.default for name, f in CompileArgs.model_fields.items()}
-    return {
-        k: v
-        for k, v in values.items()
-        if k in defaults and k not in EFFECTIVE and v is not None and v != defaults[k]
-    }
+    """The RDU compiler settings given a value: they are recorded and have no effect here."""
+    return rdu_only_given(args.model_dump() if isinstance(args, BaseModel) else dict(args))
 
 
-__all__ = ["CommonArgs", "CompileArgs", "RunArgs", "rdu_only_settings"]
+__all__ = ["CommonArgs", "CompileArgs", "RunArgs", "no_effect_line", "rdu_only_settings"]

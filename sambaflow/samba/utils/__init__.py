@@ -17,3 +17,8 @@ __all__ = [
     "set_seed",
     "trace_graph",
 ]
+
+# --- SambaNova's modelzoo (training): data-parallel ranks -----------------------------------------
+from sambaflow.app.ranks import get_rank, get_world_size, is_main_process  # noqa: E402
+
+__all__ += ["get_rank", "get_world_size", "is_main_process"]
