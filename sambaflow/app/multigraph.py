@@ -185,7 +185,7 @@ def compile_multigraph(
     log.note(
         f"wrote {path} ({os.path.getsize(path) / 1024:.0f} KiB) in {time.perf_counter() - started:.1f} s"
     )
-    log.finish(config, main)
+    log.finish({k: v for k, v in config.items() if v is not None}, main)  # unset options had no say
     return path
 
 
