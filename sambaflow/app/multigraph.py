@@ -35,6 +35,7 @@ from sambaflow.errors import SambaRunError, SambaTraceError
 from sambaflow.passes.forward_only import drop_gradient_only_arguments
 from sambaflow.passes.inplace import update_inputs_in_place
 from sambaflow.passes.sections import FULL_STEP
+from sambaflow.pef.check import check_precision
 from sambaflow.pef.file import CompiledGraph, write_pef
 from sambaflow.pef.schema import GRAPH_NAME
 from sambaflow.pef.sign import key_path, load_key, user_key
@@ -46,6 +47,10 @@ from sambaflow.trace.calls import CallStructure, structured_call
 from sambaflow.trace.graph import OUTPUT, TensorSpec, TracedGraph
 from sambaflow.trace.regions import GraphRegions, bind_regions, plan_regions, region_of
 from sambaflow.trace.tracer import trace_step
+
+#: pef_metadata key: each graph's own precision (a graph without weights, such as token_gen_init, is
+#: fp32 in a bf16 model's PEF)
+GRAPH_PRECISIONS = "multigraph_precisions"
 
 
 @dataclass
@@ -175,7 +180,9 @@ def compile_multigraph(
             f"{chosen.name} backend" + (f" (in place: {', '.join(updated)})" if updated else "")
         )
         compiled[graph_name] = CompiledGraph(graph, programs, executable.binaries())
-    header = _header(name, chosen, config, pef_metadata, True, False, None)
+    precisions = {graph_name: graph.precision for graph_name, graph in bound.items()}
+    metadata = {**(pef_metadata or {}), GRAPH_PRECISIONS: precisions}
+    header = _header(name, chosen, config, metadata, True, False, None)
     main = next(iter(bound.values()))
     header["precision"] = main.precision
     with reported_as(path, "the PEF"):
@@ -203,7 +210,12 @@ def init_multigraph_runtime(current: Session, pef: str, **_: Any) -> None:
             "recompile it with the graphs this app adds"
         )
     loaded = {}
+    recorded = pef_file.manifest.get("pef_metadata", {}).get(GRAPH_PRECISIONS, {})
     for graph_name, graph in bound.items():
+        check_precision(graph, recorded.get(graph_name, pef_file.manifest["precision"]), pef)
+        graph.precision = pef_file.manifest[
+            "precision"
+        ]  # checked above, per graph; _from_pef checks the PEF's
         executable = _from_pef(pef_file, graph, False, kind=graph_name)
         _, updated = _programs(graph)
         loaded[graph_name] = RegionGraph(executable, found[graph_name].model, updated)
