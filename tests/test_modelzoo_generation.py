@@ -124,3 +124,26 @@ def test_rdu_generate_text_equals_the_eager_app_and_hugging_face(checkpoint, exp
     assert (
         "time to first token" in ran and (tmp_path / "run" / "text_gen_telemetry" / "summary.txt").is_file()
     )
+
+
+def test_the_pef_generates_on_the_device_with_its_postprocess_graphs(checkpoint, expected, tmp_path):
+    """The PEF's own loop: sampling, the token written into token_gen's input, the index and mask
+    advanced in place, all through regions (tests/modelzoo_device_loop.py)."""
+    common = [f"checkpoint.model_name_or_path={checkpoint}", *FP32, *BATCH]
+    app("rdu_generate_text.py", "command=compile", *common, "samba_compile.arch=sn30",
+        f"samba_compile.output_folder={tmp_path}", "samba_compile.pef_name=loop", cwd=tmp_path / "compile")  # fmt: skip
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([ROOT, str(HERE.parent)]), SAMBAFLOW_BACKEND="reference"
+    )
+    script = [
+        sys.executable,
+        str(HERE / "modelzoo_device_loop.py"),
+        str(checkpoint),
+        str(tmp_path / "loop" / "loop.pef"),
+    ]
+    done = subprocess.run(
+        [*script, str(NEW_TOKENS), *PROMPTS], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-5000:]
+    got = [ast.literal_eval(line) for line in done.stdout.splitlines() if line.startswith(("'", '"'))]
+    assert got == expected
