@@ -153,6 +153,27 @@ def test_add_graph_needs_the_traced_outputs():
     samba.session.add_graph(FwdGraph({"x": x}, (x,), name="start"))
     with pytest.raises(SambaTraceError, match="not the tensors trace_multigraph returned"):
         samba.session.compile_multigraph(name="bad", config_dict={})
+    outputs = trace_multigraph(model, {"x": x}, trace_prefix="start")
+    other = samba.from_torch_tensor(torch.randn(2, 4), name="x")
+    samba.session.add_graph(FwdGraph({"x": other}, outputs, name="start"))
+    with pytest.raises(SambaTraceError, match="inputs are not the tensors trace_multigraph traced it with"):
+        samba.session.compile_multigraph(name="bad", config_dict={})
+    samba.session.add_graph(FwdGraph({"x": x}, outputs, name="start"))  # a second add replaces the first
+    samba.session.add_graph(FwdGraph({"x": x}, outputs, name="unknown"))
+    with pytest.raises(SambaTraceError, match="'unknown' was added but not traced"):
+        samba.session.compile_multigraph(name="bad", config_dict={})
+
+
+def test_region_names_default_to_names_and_survive_casts():
+    t = samba.from_torch_tensor(torch.zeros(2), name="a")
+    assert t.sn_region_name == "a"
+    t.sn_region_name = "shared"
+    assert t.float().sn_region_name == "shared" and t.to(torch.int32).sn_name == "a"
+    u = samba.SambaTensor(name="b", region_name="r", shape=(3,), dtype=torch.int32, sized_dims=["batch"])
+    assert (u.sn_region_name, u.sized_dims, u.dtype) == ("r", ["batch"], torch.int32)
+    assert samba.randn(2, 3, name="c", sized_dims=[None, "s"]).sized_dims == [None, "s"]
+    named = samba.from_named_dict({"ids": torch.ones(2, dtype=torch.int32)})
+    assert named["ids"].sn_name == "ids" and named["ids"].dtype == torch.int32
 
 
 class Cache(nn.Module):

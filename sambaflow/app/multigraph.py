@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from sambaflow.app.backend_choice import choose_backend
 from sambaflow.app.compile import CompileLog, _header, pef_path_for
@@ -128,6 +129,12 @@ def _traced_for(current: Session, graph: FwdGraph) -> TracedMultigraph:
         raise SambaTraceError(
             f"graph '{graph.name}' was added but not traced: call trace_multigraph(model, inputs, "
             f"trace_prefix='{graph.name}') and add the outputs it returns; traced: {sorted(current.traced_multigraphs)}"
+        )
+    given = {id(t) for t in pytree.tree_leaves(graph.inputs) if isinstance(t, torch.Tensor)}
+    if given != {id(t) for t in traced.inputs}:
+        raise SambaTraceError(
+            f"graph '{graph.name}': FwdGraph's inputs are not the tensors trace_multigraph traced it "
+            f"with (trace_prefix='{graph.name}'); pass the same inputs"
         )
     outputs = tuple(graph.outputs) if isinstance(graph.outputs, (list, tuple)) else (graph.outputs,)
     if len(outputs) != len(traced.outputs) or any(a is not b for a, b in zip(outputs, traced.outputs)):

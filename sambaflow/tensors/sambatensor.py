@@ -119,7 +119,8 @@ class SambaTensor(torch.Tensor):
     def _renamed(self, result: torch.Tensor) -> SambaTensor:
         if result is self:
             return self
-        return SambaTensor(result, name=self.sn_name, batch_dim=self.batch_dim)
+        region = self.__dict__.get("_sn_region_name")
+        return SambaTensor(result, name=self.sn_name, batch_dim=self.batch_dim, region_name=region)
 
     def __repr__(self, *, tensor_contents: Any = None) -> str:  # type: ignore[override]
         values = repr(self.torch().detach())
