@@ -19,6 +19,7 @@ tensors the graphs share (trace/regions.py).
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -35,9 +36,9 @@ from sambaflow.atomic import check_writable, reported_as
 from sambaflow.errors import SambaRunError, SambaTraceError
 from sambaflow.passes.forward_only import drop_gradient_only_arguments
 from sambaflow.passes.inplace import update_inputs_in_place
-from sambaflow.passes.sections import FULL_STEP
+from sambaflow.passes.sections import FULL_STEP, full_step_program
 from sambaflow.pef.check import check_precision
-from sambaflow.pef.file import CompiledGraph, write_pef
+from sambaflow.pef.file import CompiledGraph, PefFile, write_pef
 from sambaflow.pef.schema import GRAPH_NAME
 from sambaflow.pef.sign import key_path, load_key, user_key
 from sambaflow.runtime.executable import Executable
@@ -45,7 +46,7 @@ from sambaflow.runtime.multigraph import FwdGraph, RegionGraph
 from sambaflow.runtime.session import Session, session
 from sambaflow.tensors.sambatensor import SambaTensor
 from sambaflow.trace.calls import CallStructure, structured_call
-from sambaflow.trace.graph import OUTPUT, TensorSpec, TracedGraph
+from sambaflow.trace.graph import INPUT, OUTPUT, TensorSpec, TracedGraph
 from sambaflow.trace.regions import GraphRegions, bind_regions, plan_regions, region_of
 from sambaflow.trace.tracer import trace_step
 
@@ -67,8 +68,6 @@ class TracedMultigraph:
 
 def trace_multigraph(model: nn.Module, inputs: Any, trace_prefix: str, **_: Any) -> tuple[SambaTensor, ...]:
     """Trace the forward graph `trace_prefix` of `model` on `inputs`; return its outputs."""
-    import re
-
     if not isinstance(trace_prefix, str) or re.fullmatch(GRAPH_NAME, trace_prefix) is None:
         raise SambaTraceError(
             f"trace_multigraph: trace_prefix {trace_prefix!r} names the graph: use letters, digits, "
@@ -152,8 +151,6 @@ def _graph_regions(name: str, traced: TracedMultigraph) -> GraphRegions:
 
 def _programs(graph: TracedGraph) -> tuple[dict[str, Any], list[str]]:
     """The graph's one program, writing outputs whose region is one of its inputs in place."""
-    from sambaflow.passes.sections import full_step_program
-
     result = update_inputs_in_place(full_step_program(graph))
     return {FULL_STEP: result.program, "fwd": result.program}, result.updated
 
@@ -178,29 +175,25 @@ def compile_multigraph(
     started = time.perf_counter()
     found, bound, regions = bound_graphs(current)
     log.note(f"multigraph '{name}': graphs {list(bound)} sharing {len(regions)} input/output regions")
-    compiled = {}
-    for graph_name, graph in bound.items():
-        programs, updated = _programs(graph)
-        executable = Executable(graph, chosen, programs)
-        log.note(
-            f"compiling graph '{graph_name}' of {type(found[graph_name].model).__name__} with the "
-            f"{chosen.name} backend" + (f" (in place: {', '.join(updated)})" if updated else "")
-        )
-        compiled[graph_name] = CompiledGraph(graph, programs, executable.binaries())
-    precisions = {graph_name: graph.precision for graph_name, graph in bound.items()}
-    metadata = {**(pef_metadata or {}), GRAPH_PRECISIONS: precisions}
+    compiled = {n: _compiled(n, g, type(found[n].model).__name__, chosen, log) for n, g in bound.items()}
+    metadata = {**(pef_metadata or {}), GRAPH_PRECISIONS: {n: g.precision for n, g in bound.items()}}
     header = _header(name, chosen, config, metadata, True, False, None)
     main = next(iter(bound.values()))
     header["precision"] = main.precision
+    text = "\n\n".join(f"# graph {n}\n{g.as_text()}" for n, g in bound.items())
     with reported_as(path, "the PEF"):
-        write_pef(
-            path, header, compiled, "\n\n".join(f"# graph {n}\n{g.as_text()}" for n, g in bound.items()), key
-        )
-    log.note(
-        f"wrote {path} ({os.path.getsize(path) / 1024:.0f} KiB) in {time.perf_counter() - started:.1f} s"
-    )
+        write_pef(path, header, compiled, text, key)
+    seconds = time.perf_counter() - started
+    log.note(f"wrote {path} ({os.path.getsize(path) / 1024:.0f} KiB) in {seconds:.1f} s")
     log.finish({k: v for k, v in config.items() if v is not None}, main)  # unset options had no say
     return path
+
+
+def _compiled(name: str, graph: TracedGraph, model: str, backend: Any, log: CompileLog) -> CompiledGraph:
+    programs, updated = _programs(graph)
+    in_place = f" (in place: {', '.join(updated)})" if updated else ""
+    log.note(f"compiling graph '{name}' of {model} with the {backend.name} backend{in_place}")
+    return CompiledGraph(graph, programs, Executable(graph, backend, programs).binaries())
 
 
 def init_multigraph_runtime(current: Session, pef: str, **_: Any) -> None:
@@ -213,27 +206,24 @@ def init_multigraph_runtime(current: Session, pef: str, **_: Any) -> None:
     missing = [n for n in bound if n not in pef_file.kinds]
     if missing:
         raise SambaRunError(
-            f"init_multigraph_runtime: '{pef}' has no graph(s) {missing}; it holds {sorted(pef_file.kinds)}: "
-            "recompile it with the graphs this app adds"
+            f"init_multigraph_runtime: '{pef}' has no graph(s) {missing}; it holds "
+            f"{sorted(pef_file.kinds)}: recompile it with the graphs this app adds"
         )
-    loaded = {}
-    recorded = pef_file.manifest.get("pef_metadata", {}).get(GRAPH_PRECISIONS, {})
-    for graph_name, graph in bound.items():
-        check_precision(graph, recorded.get(graph_name, pef_file.manifest["precision"]), pef)
-        graph.precision = pef_file.manifest[
-            "precision"
-        ]  # checked above, per graph; _from_pef checks the PEF's
-        executable = _from_pef(pef_file, graph, False, kind=graph_name)
-        _, updated = _programs(graph)
-        loaded[graph_name] = RegionGraph(executable, found[graph_name].model, updated)
-    current.load_region_graphs(loaded, {r: s for r, s in regions.items() if _is_input_region(r, bound)})
+    loaded = {
+        n: RegionGraph(_loaded(pef_file, n, g), found[n].model, _programs(g)[1]) for n, g in bound.items()
+    }
+    inputs = {s.name for g in bound.values() for s in g.inputs_with_role(INPUT)}
+    current.load_region_graphs(loaded, {r: s for r, s in regions.items() if r in inputs})
     progress(f"loaded multigraph PEF {pef}: graphs {list(loaded)}")
 
 
-def _is_input_region(region: str, bound: dict[str, TracedGraph]) -> bool:
-    from sambaflow.trace.graph import INPUT
-
-    return any(s.name == region for g in bound.values() for s in g.inputs_with_role(INPUT))
+def _loaded(pef_file: PefFile, name: str, graph: TracedGraph) -> Executable:
+    """Graph `name` of the PEF, checked against the app's trace: its own recorded precision first
+    (a bf16 model's PEF has fp32 graphs without weights), then names, shapes and computation."""
+    recorded = pef_file.manifest.get("pef_metadata", {}).get(GRAPH_PRECISIONS, {})
+    check_precision(graph, recorded.get(name, pef_file.manifest["precision"]), pef_file.path)
+    graph.precision = pef_file.manifest["precision"]  # checked above; _from_pef checks the PEF-wide one
+    return _from_pef(pef_file, graph, False, kind=name)
 
 
 __all__ = ["compile_multigraph", "init_multigraph_runtime", "trace_multigraph"]
