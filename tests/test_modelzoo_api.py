@@ -390,3 +390,35 @@ def test_lazy_parameters_are_repeatable_under_a_seed():
     b = make()
     assert torch.equal(a, b) and a.dtype == torch.bfloat16
     assert abs(a.float().std().item() - 0.02) < 0.004 and abs(a.float().mean().item()) < 0.004
+
+
+class PerTokenLoss(nn.Module):
+    """Returns a loss module's per-token losses (reduction='none') and the logits, as the modelzoo's LMs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(WIDTH, VOCAB)
+
+    def forward(self, x, labels):
+        logits = self.proj(x)
+        loss = nn.CrossEntropyLoss(reduction="none")(logits.view(-1, VOCAB), labels.view(-1))
+        return loss, logits
+
+
+def test_loss_module_outputs_are_seeded_with_one_by_default():
+    reference = PerTokenLoss()
+    model = copy.deepcopy(reference)
+    samba.from_torch_model_(model)
+    x, labels = torch.randn(BATCH, SEQ, WIDTH), torch.randint(VOCAB, (BATCH, SEQ))
+    inputs = [samba.from_torch_tensor(x, name="x"), samba.from_torch_tensor(labels, name="labels")]
+    trace_graph(model, inputs, samba.optim.SGD(model.parameters(), lr=0.1))
+    assert samba.session.executable.graph.loss_names == ["crossentropyloss__outputs__0"]
+    samba.session.run(inputs)
+    loss, _ = reference(x, labels)
+    loss.sum().backward()  # seed one for every per-token loss, zero for the logits
+    with torch.no_grad():
+        for p in reference.parameters():
+            p -= 0.1 * p.grad
+    samba.session.to_cpu(model)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert rel_err(p, q) < 1e-5
