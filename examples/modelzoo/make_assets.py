@@ -58,14 +58,35 @@ def make_model_folder(folder: Path, max_seq_length: int, seed: int = 0) -> Path:
     return folder
 
 
+def same_length_examples(tokenizer, n: int, seed: int) -> list[dict[str, str]]:
+    """`n` task examples that all tokenize to the same length (the most common one).
+
+    Every row then trains on as many tokens, so the modelzoo's per-replica loss scaling (each
+    data-parallel replica normalises over its own rows) gives the same step as one process
+    normalising over the whole batch: the data-parallel run can be checked against it exactly."""
+    from collections import Counter
+
+    candidates = gpt2_assets.sentiment_examples(n * 16, seed)
+    length = [
+        len(tokenizer.encode(e["prompt"] + e["completion"], add_special_tokens=False)) for e in candidates
+    ]
+    common = Counter(length).most_common(1)[0][0]
+    chosen = [e for e, k in zip(candidates, length) if k == common][:n]
+    if len(chosen) < n:
+        raise RuntimeError(
+            f"only {len(chosen)} examples of {common} tokens among {len(candidates)}; ask for fewer"
+        )
+    return chosen
+
+
 def make_dataset(folder: Path, tokenizer_folder: Path, max_seq_length: int, n_train: int, n_dev: int) -> Path:
     """HDF5 splits and the metadata.yaml generative_data_prep writes (the app reads max_seq_length)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder))
-    examples = gpt2_assets.sentiment_examples
-    gpt2_assets.write_hdf5_split(folder, tokenizer, examples(n_train, seed=1), max_seq_length, "train")
-    gpt2_assets.write_hdf5_split(folder, tokenizer, examples(n_dev, seed=2), max_seq_length, "dev")
+    for split, n, seed in (("train", n_train, 1), ("dev", n_dev, 2)):
+        rows = same_length_examples(tokenizer, n, seed)
+        gpt2_assets.write_hdf5_split(folder, tokenizer, rows, max_seq_length, split)
     (folder / "metadata.yaml").write_text(
         f"max_seq_length: {max_seq_length}\nnumber_of_training_files: 1\nnumber_of_dev_files: 1\n"
         f"number_of_test_files: 0\nvocab_size: {llama_config(max_seq_length)['vocab_size']}\n"
