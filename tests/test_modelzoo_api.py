@@ -445,3 +445,31 @@ def test_bf16_weights_take_the_same_adamw_steps_as_eager():
     changed = [(p != q).float().mean().item() for p, q in zip(model.parameters(), reference.parameters())]
     assert changed == [0.0] * len(changed), changed
     assert out.dtype == torch.bfloat16
+
+
+class Hinted(nn.Module):
+    """Model code that gives the RDU compiler fusion hints, as the modelzoo's hyperfunctions do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, x):
+        from sambaflow.samba.directives import op_fusion
+
+        with op_fusion(
+            func_name="encoder_test", heuristic={"tiling": "kTestHeuristic"}, plugins=["libTest.so"]
+        ):
+            return self.proj(x).sum()
+
+
+def test_fusion_heuristics_and_plugins_join_the_no_effect_line(tmp_path):
+    model = Hinted()
+    samba.from_torch_model_(model)
+    x = samba.from_torch_tensor(torch.randn(BATCH, WIDTH), name="x")
+    path = samba.session.compile(
+        model, [x], None, name="hinted", config_dict={"output_folder": str(tmp_path)}
+    )
+    log = open(path.removesuffix(".pef") + ".compile.log").read()
+    (line,) = [line for line in log.splitlines() if "no effect here" in line]
+    assert "kTestHeuristic" in line and "libTest.so" in line
