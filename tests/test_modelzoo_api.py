@@ -473,3 +473,17 @@ def test_fusion_heuristics_and_plugins_join_the_no_effect_line(tmp_path):
     log = open(path.removesuffix(".pef") + ".compile.log").read()
     (line,) = [line for line in log.splitlines() if "no effect here" in line]
     assert "kTestHeuristic" in line and "libTest.so" in line
+
+
+def test_a_cached_value_that_changed_since_compile_is_refused(meta_pef):
+    """The PEF holds the cached tables it was compiled with; a run whose cache holds other values
+    (a table computed from other settings) must not run the stale ones silently."""
+    from sambaflow.errors import SambaPefError
+
+    _, model = fresh_pair()
+    cos, sin = RopeTables(WIDTH)(SEQ)
+    ROPE_TABLES[f"tables_{SEQ}"] = (cos * 1.5, sin)
+    optim = samba.optim.AdamW(model.parameters(), lr=1e-2)
+    inputs = keyword_inputs(batch(), scale=0.5, return_dict=False)
+    with pytest.raises(SambaPefError, match="computation differs"):
+        trace_graph(model, inputs, optim, loss_indices=[0], pef=meta_pef)
