@@ -390,3 +390,100 @@ def test_lazy_parameters_are_repeatable_under_a_seed():
     b = make()
     assert torch.equal(a, b) and a.dtype == torch.bfloat16
     assert abs(a.float().std().item() - 0.02) < 0.004 and abs(a.float().mean().item()) < 0.004
+
+
+class PerTokenLoss(nn.Module):
+    """Returns a loss module's per-token losses (reduction='none') and the logits, as the modelzoo's LMs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(WIDTH, VOCAB)
+
+    def forward(self, x, labels):
+        logits = self.proj(x)
+        loss = nn.CrossEntropyLoss(reduction="none")(logits.view(-1, VOCAB), labels.view(-1))
+        return loss, logits
+
+
+def test_loss_module_outputs_are_seeded_with_one_by_default():
+    reference = PerTokenLoss()
+    model = copy.deepcopy(reference)
+    samba.from_torch_model_(model)
+    x, labels = torch.randn(BATCH, SEQ, WIDTH), torch.randint(VOCAB, (BATCH, SEQ))
+    inputs = [samba.from_torch_tensor(x, name="x"), samba.from_torch_tensor(labels, name="labels")]
+    trace_graph(model, inputs, samba.optim.SGD(model.parameters(), lr=0.1))
+    assert samba.session.executable.graph.loss_names == ["crossentropyloss__outputs__0"]
+    samba.session.run(inputs)
+    loss, _ = reference(x, labels)
+    loss.sum().backward()  # seed one for every per-token loss, zero for the logits
+    with torch.no_grad():
+        for p in reference.parameters():
+            p -= 0.1 * p.grad
+    samba.session.to_cpu(model)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert rel_err(p, q) < 1e-5
+
+
+def test_bf16_weights_take_the_same_adamw_steps_as_eager():
+    """torch's AdamW rounds once per in-place op on bf16 weights; so must the traced update, or
+    the weights drift from eager's by an ulp on many elements each step."""
+    torch.manual_seed(1)
+    reference = nn.Sequential(nn.Linear(WIDTH, 64), nn.Tanh(), nn.Linear(64, 8)).bfloat16()
+    model = copy.deepcopy(reference)
+    samba.from_torch_model_(model)
+    x = samba.from_torch_tensor(torch.randn(BATCH, WIDTH).bfloat16(), name="x")
+    out = trace_graph(model, [x], samba.optim.AdamW(model.parameters(), lr=1e-2))[0]
+    eager = torch.optim.AdamW(reference.parameters(), lr=1e-2, betas=(0.9, 0.997), weight_decay=0.0)
+    for _ in range(6):
+        data = torch.randn(BATCH, WIDTH).bfloat16()
+        seed = torch.randn(BATCH, 8).bfloat16()
+        samba.session.run([samba.from_torch_tensor(data, name="x")], grad_of_outputs=[seed])
+        eager.zero_grad()
+        reference(data).backward(seed)
+        eager.step()
+    samba.session.to_cpu(model)
+    changed = [(p != q).float().mean().item() for p, q in zip(model.parameters(), reference.parameters())]
+    assert changed == [0.0] * len(changed), changed
+    assert out.dtype == torch.bfloat16
+
+
+class Hinted(nn.Module):
+    """Model code that gives the RDU compiler fusion hints, as the modelzoo's hyperfunctions do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, x):
+        from sambaflow.samba.directives import op_fusion
+
+        with op_fusion(
+            func_name="encoder_test", heuristic={"tiling": "kTestHeuristic"}, plugins=["libTest.so"]
+        ):
+            return self.proj(x).sum()
+
+
+def test_fusion_heuristics_and_plugins_join_the_no_effect_line(tmp_path):
+    model = Hinted()
+    samba.from_torch_model_(model)
+    x = samba.from_torch_tensor(torch.randn(BATCH, WIDTH), name="x")
+    path = samba.session.compile(
+        model, [x], None, name="hinted", config_dict={"output_folder": str(tmp_path)}
+    )
+    log = open(path.removesuffix(".pef") + ".compile.log").read()
+    (line,) = [line for line in log.splitlines() if "no effect here" in line]
+    assert "kTestHeuristic" in line and "libTest.so" in line
+
+
+def test_a_cached_value_that_changed_since_compile_is_refused(meta_pef):
+    """The PEF holds the cached tables it was compiled with; a run whose cache holds other values
+    (a table computed from other settings) must not run the stale ones silently."""
+    from sambaflow.errors import SambaPefError
+
+    _, model = fresh_pair()
+    cos, sin = RopeTables(WIDTH)(SEQ)
+    ROPE_TABLES[f"tables_{SEQ}"] = (cos * 1.5, sin)
+    optim = samba.optim.AdamW(model.parameters(), lr=1e-2)
+    inputs = keyword_inputs(batch(), scale=0.5, return_dict=False)
+    with pytest.raises(SambaPefError, match="computation differs"):
+        trace_graph(model, inputs, optim, loss_indices=[0], pef=meta_pef)

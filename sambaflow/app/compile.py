@@ -210,7 +210,8 @@ class CompileLog:
 
     def finish(self, config: dict[str, Any], graph: Any) -> None:
         from sambaflow.app.args import INEFFECTIVE_ARGUMENTS, ineffective_arguments
-        from sambaflow.app.rdu_settings import no_effect_line, rdu_only_given
+        from sambaflow.app.rdu_settings import RDU_ONLY, fusion_hints, no_effect_line, rdu_only_given
+        from sambaflow.samba.directives import fusion_scopes
 
         report = [
             f"sambaflow {sambaflow.__version__}, torch {torch.__version__}, python {sys.version.split()[0]}",
@@ -220,8 +221,10 @@ class CompileLog:
         # has no flag for: then they are all listed in one line, the flagged ones included
         given = rdu_only_given(config)
         flagged = set(INEFFECTIVE_ARGUMENTS) | {"log_level", "log_dir", "reduce_on_rdu"}  # parse_app_args's
-        rdu = no_effect_line(config) if set(given) - flagged else None
-        rest = {k: v for k, v in config.items() if not (rdu and k in given)}
+        hints = fusion_hints(fusion_scopes())
+        modelzoo = set(given) - flagged or any(hints.values())
+        rdu = no_effect_line(config, hints) if modelzoo else None
+        rest = {k: v for k, v in config.items() if not (rdu and k in RDU_ONLY)}
         unused = ineffective_arguments(_namespace(rest)) if rest else []
         unused += [rdu] if rdu else []
         report += [f"NO EFFECT: {line}" for line in unused] or ["every given argument took effect"]

@@ -59,10 +59,33 @@ def rdu_only_given(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k in RDU_ONLY and v is not None and v != RDU_ONLY[k]}
 
 
-def no_effect_line(config: dict[str, Any]) -> str | None:
-    """One line naming the RDU-only settings given, or None when there are none."""
+def no_effect_line(config: dict[str, Any], hints: dict[str, list[str]] | None = None) -> str | None:
+    """One line naming the RDU-only settings given and the RDU compiler hints the model's code gave
+    (`op_fusion` heuristics and plugins), or None when there are none."""
     given = rdu_only_given(config)
-    if not given:
+    parts = [f"{k}={v}" for k, v in given.items()]
+    parts += [f"{kind}={values}" for kind, values in (hints or {}).items() if values]
+    if not parts:
         return None
-    listed = ", ".join(f"{k}={v}" for k, v in given.items())
-    return f"RDU compiler settings accepted and recorded, no effect here: {listed}"
+    return f"RDU compiler settings accepted and recorded, no effect here: {', '.join(parts)}"
+
+
+def fusion_hints(scopes: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
+    """The heuristics and plugin names `op_fusion(..., heuristic=, plugins=)` scopes gave."""
+    found: dict[str, list[str]] = {"fusion heuristics": [], "plugins": []}
+    for hints in scopes.values():
+        for kind, key in (("fusion heuristics", "heuristic"), ("plugins", "plugins")):
+            for name in _names(hints.get(key)):
+                if name not in found[kind]:
+                    found[kind].append(name)
+    return found
+
+
+def _names(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        return [str(v) for v in value.values()]
+    if isinstance(value, (list, tuple, set)):
+        return [str(v) for v in value]
+    return [str(value)]

@@ -37,9 +37,9 @@ from sambaflow.trace.casts import looks_compiled
 def prime_caches(model: nn.Module, state: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> None:
     """Run `model` once for real on `state` (path -> tensor) and the call's arguments, so that
     whatever it caches across calls holds real tensors before tracing. `meta` tensors in `state`
-    are stood in by zeros of their layout."""
+    are stood in by zeros of their layout, integer inputs by zeros (`_dummy_input`)."""
     real = {path: _real(t) for path, t in state.items()}
-    args, kwargs = pytree.tree_map_only(torch.Tensor, _real, (args, kwargs))
+    args, kwargs = pytree.tree_map_only(torch.Tensor, _dummy_input, (args, kwargs))
     with torch.no_grad(), looks_compiled(), RealConstants():
         functional_call(model, real, args, kwargs)
 
@@ -48,6 +48,14 @@ def _real(tensor: torch.Tensor) -> torch.Tensor:
     if tensor.device.type == "meta" or isinstance(tensor, FakeTensor):
         return torch.zeros(tensor.shape, dtype=tensor.dtype)
     return tensor.detach()
+
+
+def _dummy_input(tensor: torch.Tensor) -> torch.Tensor:
+    """Tracing inputs are dummies (SambaNova's tracers draw token ids up to 5000 whatever the
+    vocabulary): integer ones are zeros here, an index valid for any embedding or gather."""
+    if tensor.is_floating_point() or tensor.is_complex():
+        return _real(tensor)
+    return torch.zeros(tensor.shape, dtype=tensor.dtype)
 
 
 def is_real(value: Any) -> bool:

@@ -52,6 +52,8 @@ class ForwardProbe:
     outputs: list[torch.Tensor]
     output_names: list[str]
     dropout_sites: list[DropoutSite]
+    #: per output: whether a loss module (nn.CrossEntropyLoss, ...) returned it
+    from_loss_module: list[bool]
 
 
 def trace_step(
@@ -116,7 +118,8 @@ def _probe_forward(model: nn.Module, plan: StepPlan) -> ForwardProbe:
     except Exception as exc:
         raise trace_error(exc, type(model).__name__) from None
     outputs = _flatten_outputs(result, model)
-    return ForwardProbe(outputs, _output_names(outputs, watch, model), drop.sites)
+    losses = [id(v) in watch.from_loss_module for v in outputs]
+    return ForwardProbe(outputs, _output_names(outputs, watch, model), drop.sites, losses)
 
 
 def _flatten_outputs(result: Any, model: nn.Module) -> list[torch.Tensor]:
@@ -139,9 +142,11 @@ def _output_names(outputs: list[torch.Tensor], watch: Any, model: nn.Module) -> 
 
 
 def _loss_names(probe: ForwardProbe, loss_indices: Sequence[int] | None) -> list[str]:
-    if loss_indices is None:
+    if loss_indices is None:  # scalars, and what a loss module returned (reduction='none' too)
         return [
-            n for n, v in zip(probe.output_names, probe.outputs) if v.dim() == 0 and v.is_floating_point()
+            n
+            for n, v, from_loss in zip(probe.output_names, probe.outputs, probe.from_loss_module)
+            if v.is_floating_point() and (v.dim() == 0 or from_loss)
         ]
     bad = [i for i in loss_indices if not 0 <= i < len(probe.outputs)]
     if bad:
