@@ -81,6 +81,12 @@ def test_graphs_share_a_region_and_update_it_in_place(scale_pef):
     assert samba.session.store["acc"] is stored  # written into the same device tensor
     torch.testing.assert_close(out, x * w + x2 * w, rtol=1e-6, atol=1e-6)
     assert step.dtype == torch.int32 and step.flatten().tolist() == [4, 7]
+    # a feed may name the input's tensor ('acc_in') or its region ('acc')
+    samba.session.run({"acc_in": x * w, "x2": x2, "position": position}, graph_name="add")
+    out, _ = samba.session.run({"acc": x * w, "x2": x2, "position": position}, graph_name="add")
+    torch.testing.assert_close(out, x * w + x2 * w, rtol=1e-6, atol=1e-6)
+    with pytest.raises(SambaRunError, match="input 'acc' is fed twice"):
+        samba.session.run({"acc": x, "acc_in": x, "x2": x2}, graph_name="add")
     # the next run reads both regions as the last one left them: no feed for acc or position
     out, step = samba.session.run({"x2": x2}, graph_name="add")
     torch.testing.assert_close(out, x * w + 2 * x2 * w, rtol=1e-6, atol=1e-6)

@@ -210,11 +210,16 @@ def init_multigraph_runtime(current: Session, pef: str, **_: Any) -> None:
             f"{sorted(pef_file.kinds)}: recompile it with the graphs this app adds"
         )
     loaded = {
-        n: RegionGraph(_loaded(pef_file, n, g), found[n].model, _programs(g)[1]) for n, g in bound.items()
+        n: RegionGraph(_loaded(pef_file, n, g), found[n].model, _programs(g)[1], _aliases(found[n]))
+        for n, g in bound.items()
     }
     inputs = {s.name for g in bound.values() for s in g.inputs_with_role(INPUT)}
     current.load_region_graphs(loaded, {r: s for r, s in regions.items() if r in inputs})
     progress(f"loaded multigraph PEF {pef}: graphs {list(loaded)}")
+
+
+def _aliases(traced: TracedMultigraph) -> dict[str, str]:
+    return {t.sn_name: region_of(t) for t in traced.inputs if region_of(t) != t.sn_name}
 
 
 def _loaded(pef_file: PefFile, name: str, graph: TracedGraph) -> Executable:

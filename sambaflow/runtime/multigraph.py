@@ -15,7 +15,7 @@ A mixin of `Session`; the app layer installs the tracing and compiling side (`se
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import torch
@@ -50,6 +50,8 @@ class RegionGraph:
     executable: Executable
     model: nn.Module
     updated: list[str]
+    #: an input's tensor name -> its region, where they differ (feeds may use either)
+    aliases: dict[str, str] = field(default_factory=dict)
 
     @property
     def inputs(self) -> list[TensorSpec]:
@@ -128,7 +130,7 @@ class MultigraphSession:
     def run_region_graph(self, graph_name: str, input_tensors: Any) -> list[SambaTensor]:
         """Run one loaded graph on the given feeds; return its outputs (views of the store)."""
         graph = self._region_graph(graph_name)
-        feeds = region_feeds(graph_name, input_tensors, graph.inputs)
+        feeds = region_feeds(graph_name, input_tensors, graph.inputs, graph.aliases)
         unwritten = [s.name for s in graph.inputs if s.name not in feeds and s.name not in self._written]
         if unwritten:
             raise SambaRunError(
@@ -178,20 +180,24 @@ class MultigraphSession:
             self.store[name] = value
 
 
-def region_feeds(graph_name: str, given: Any, specs: list[TensorSpec]) -> dict[str, torch.Tensor]:
+def region_feeds(
+    graph_name: str, given: Any, specs: list[TensorSpec], aliases: Mapping[str, str] | None = None
+) -> dict[str, torch.Tensor]:
     """The given feeds by region: a dict {name: tensor} or named SambaTensors; names are a graph
-    input's region (or its tensor name, which is its region unless one was set). Integers are
-    cast to the compiled integer dtype when the values fit (int64 index tensors to int32 inputs)."""
+    input's region or its tensor name (`aliases`: name -> region). Integers are cast to the
+    compiled integer dtype when the values fit (int64 index tensors to int32 inputs)."""
     by_region = {s.name: s for s in specs}
     feeds: dict[str, torch.Tensor] = {}
     for name, value in _named(given):
-        spec = by_region.get(name)
+        spec = by_region.get(name) or by_region.get((aliases or {}).get(name, ""))
         if spec is None:
             raise SambaRunError(
                 f"session.run(graph_name='{graph_name}'): '{name}' is not an input of this graph; "
                 f"it reads {[s.describe() for s in specs]}"
             )
-        feeds[name] = _fitted(graph_name, value, spec)
+        if spec.name in feeds:
+            raise SambaRunError(f"session.run(graph_name='{graph_name}'): input '{spec.name}' is fed twice")
+        feeds[spec.name] = _fitted(graph_name, value, spec)
     return feeds
 
 
