@@ -225,3 +225,39 @@ def test_a_cache_filled_by_one_graph_is_updated_by_another(tmp_path):
         {"row": torch.ones(2, 3), "index": torch.full((2, 1), 5, dtype=torch.int32)}, graph_name="read"
     )
     torch.testing.assert_close(samba.session.get_tensors_by_name(["total"])[0], expected.sum(dim=1))
+
+
+class Nested(nn.Module):
+    """forward(inputs={'a': x, 'pair': (x, y)}, scale=2.0): nested dicts and tuples, a constant."""
+
+    def forward(self, inputs, scale=1.0, flag=None):
+        a, (b, c) = inputs["a"], inputs["pair"]
+        assert flag is None  # a constant left at its default
+        return {"sum": (a + b) * scale, "prod": a * c}
+
+
+def test_trace_multigraph_takes_nested_inputs_and_constants(tmp_path):
+    samba.session.clear_graphs()
+    x = samba.from_torch_tensor(torch.randn(3), name="x")
+    y = samba.from_torch_tensor(torch.randn(3), name="y")
+    inputs = {"inputs": {"a": x, "pair": (x, y)}, "scale": 2.0}
+    outputs = trace_multigraph(Nested(), inputs, trace_prefix="nested")
+    assert [o.sn_name for o in outputs] == [
+        "nested__outputs__0",
+        "nested__outputs__1",
+    ]  # dict values, in order
+    assert [tuple(o.shape) for o in outputs] == [(3,), (3,)]
+    samba.session.add_graph(FwdGraph(inputs, outputs, name="nested"))
+    path = samba.session.compile_multigraph(name="nested", config_dict={"output_folder": str(tmp_path)})
+    samba.session.init_multigraph_runtime(path)
+    a, b = torch.randn(3), torch.randn(3)
+    total, product = samba.session.run({"x": a, "y": b}, graph_name="nested")
+    torch.testing.assert_close(total, (a + a) * 2.0)
+    torch.testing.assert_close(product, a * b)
+    twin = samba.from_torch_tensor(torch.randn(3), name="x")
+    with pytest.raises(SambaTraceError, match="two different input tensors are named 'x'"):
+        trace_multigraph(Nested(), {"inputs": {"a": x, "pair": (twin, y)}}, trace_prefix="twin")
+    with pytest.raises(SambaTraceError, match=r"input \['inputs'\]\['a'\] is a tensor without a name"):
+        trace_multigraph(Nested(), {"inputs": {"a": torch.ones(3), "pair": (x, y)}}, trace_prefix="unnamed")
+    with pytest.raises(SambaTraceError, match="trace_prefix 'no spaces' names the graph"):
+        trace_multigraph(Nested(), inputs, trace_prefix="no spaces")
