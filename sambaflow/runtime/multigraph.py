@@ -115,14 +115,17 @@ class MultigraphSession:
         first = next(iter(graphs.values()))
         self.executable = first.executable
         shared = set() if _runs_on_cpu(first.executable.graph) else None
-        for graph in graphs.values():
+        for graph_name, graph in graphs.items():
             specs = {s.name: s for s in graph.executable.graph.inputs_with_role(PARAM, BUFFER)}
             for name, tensor in _weights(graph.model):
                 if name in specs and name not in self.store:
                     self.store[name] = _device_tensor(tensor, specs[name], shared)
             missing = [n for n in specs if n not in self.store]
             if missing:
-                raise SambaRunError(f"graph input(s) {missing[:5]} are not tensors of the model given")
+                raise SambaRunError(
+                    f"graph '{graph_name}': weight(s) {missing[:5]} are not tensors of its model "
+                    f"{type(graph.model).__name__}: trace it again with the model it was compiled from"
+                )
         for region, spec in regions.items():
             self.store[region] = torch.zeros(spec.shape, dtype=spec.dtype)
 
