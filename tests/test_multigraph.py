@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from sambaflow import samba
-from sambaflow.errors import SambaRunError, SambaTraceError
+from sambaflow.errors import SambaPefError, SambaRunError, SambaTraceError
 from sambaflow.samba.graph import FwdGraph
 from sambaflow.samba.sn_private import sn_scatter
 from sambaflow.samba.utils import trace_multigraph
@@ -129,6 +129,19 @@ def test_init_refuses_a_pef_without_the_graphs_the_app_adds(scale_pef, tmp_path)
     outputs = trace_multigraph(model, {"x": x}, trace_prefix="extra")
     samba.session.add_graph(FwdGraph({"x": x}, outputs, name="extra"))
     with pytest.raises(SambaRunError, match=r"has no graph\(s\) \['extra'\]"):
+        samba.session.init_multigraph_runtime(path)
+
+
+def test_init_names_the_graph_that_no_longer_matches_the_pef(scale_pef):
+    model, path = scale_pef
+    samba.session.clear_graphs()
+    x = samba.from_torch_tensor(torch.randn(3, 4), name="x")  # compiled for [2, 4]
+    samba.session.add_graph(
+        FwdGraph({"x": x}, trace_multigraph(model, {"x": x}, trace_prefix="start"), name="start")
+    )
+    with pytest.raises(
+        SambaPefError, match=r"(?s)graph 'start': .* 'x' has shape \[2, 4\] in the PEF, \[3, 4\] in the app"
+    ):
         samba.session.init_multigraph_runtime(path)
 
 

@@ -33,7 +33,7 @@ from sambaflow.app.compile import CompileLog, _header, pef_path_for
 from sambaflow.app.precision import requested_preset
 from sambaflow.app.tracing import _from_pef, load_pef, progress
 from sambaflow.atomic import check_writable, reported_as
-from sambaflow.errors import SambaRunError, SambaTraceError
+from sambaflow.errors import SambaPefError, SambaRunError, SambaTraceError
 from sambaflow.passes.forward_only import drop_gradient_only_arguments
 from sambaflow.passes.inplace import update_inputs_in_place
 from sambaflow.passes.sections import FULL_STEP, full_step_program
@@ -228,7 +228,10 @@ def _loaded(pef_file: PefFile, name: str, graph: TracedGraph) -> Executable:
     recorded = pef_file.manifest.get("pef_metadata", {}).get(GRAPH_PRECISIONS, {})
     check_precision(graph, recorded.get(name, pef_file.manifest["precision"]), pef_file.path)
     graph.precision = pef_file.manifest["precision"]  # checked above; _from_pef checks the PEF-wide one
-    return _from_pef(pef_file, graph, False, kind=name)
+    try:
+        return _from_pef(pef_file, graph, False, kind=name)
+    except SambaPefError as exc:
+        raise SambaPefError(f"graph '{name}': {exc}") from None
 
 
 __all__ = ["compile_multigraph", "init_multigraph_runtime", "trace_multigraph"]
