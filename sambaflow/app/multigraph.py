@@ -75,8 +75,7 @@ def trace_multigraph(model: nn.Module, inputs: Any, trace_prefix: str, **_: Any)
         )
     structure = CallStructure.of(inputs, f"trace_multigraph('{trace_prefix}')")
     call = structured_call(model, structure)
-    stand_ins = {name: _stand_in(t) for name, t in structure.named().items()}
-    traced = trace_step(call, stand_ins, [], backward=False, graphamp=requested_preset(None))
+    traced = trace_step(call, structure.named(), [], backward=False, graphamp=requested_preset(None))
     session.trace_count += 1
     drop_gradient_only_arguments(traced.module)  # forward-only: the same graph with or without a pad token
     outputs = tuple(
@@ -91,16 +90,6 @@ def trace_multigraph(model: nn.Module, inputs: Any, trace_prefix: str, **_: Any)
         trace_prefix, traced, model, list(structure.tensors), outputs
     )
     return outputs
-
-
-def _stand_in(tensor: torch.Tensor) -> torch.Tensor:
-    """What the tracer sees for an input: its name, shape and dtype; integers as zeros. Only the
-    tracer's one real forward (which fills the model's caches) reads values, and dummy integer
-    inputs can be out of range for it (the modelzoo's dummy token ids go to 5000, past a small
-    vocabulary); zero is a valid index and count everywhere."""
-    if tensor.dtype.is_floating_point or tensor.dtype.is_complex:
-        return tensor
-    return SambaTensor(torch.zeros(tensor.shape, dtype=tensor.dtype), name=tensor.sn_name)
 
 
 def _placeholder(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> SambaTensor:
