@@ -33,6 +33,7 @@ from sambaflow.app.compile import CompileLog, _header, pef_path_for
 from sambaflow.app.precision import requested_preset
 from sambaflow.app.tracing import _from_pef, load_pef, progress
 from sambaflow.atomic import check_writable, reported_as
+from sambaflow.backends.base import export_many
 from sambaflow.errors import SambaPefError, SambaRunError, SambaTraceError
 from sambaflow.passes.forward_only import drop_gradient_only_arguments
 from sambaflow.passes.inplace import update_inputs_in_place
@@ -164,7 +165,7 @@ def compile_multigraph(
     started = time.perf_counter()
     found, bound, regions = bound_graphs(current)
     log.note(f"multigraph '{name}': graphs {list(bound)} sharing {len(regions)} input/output regions")
-    compiled = {n: _compiled(n, g, type(found[n].model).__name__, chosen, log) for n, g in bound.items()}
+    compiled = _compiled_graphs(bound, found, chosen, log)
     metadata = {**(pef_metadata or {}), GRAPH_PRECISIONS: {n: g.precision for n, g in bound.items()}}
     header = _header(name, chosen, config, metadata, True, False, None)
     main = next(iter(bound.values()))
@@ -178,11 +179,23 @@ def compile_multigraph(
     return path
 
 
-def _compiled(name: str, graph: TracedGraph, model: str, backend: Any, log: CompileLog) -> CompiledGraph:
-    programs, updated = _programs(graph)
-    in_place = f" (in place: {', '.join(updated)})" if updated else ""
-    log.note(f"compiling graph '{name}' of {model} with the {backend.name} backend{in_place}")
-    return CompiledGraph(graph, programs, Executable(graph, backend, programs).binaries())
+def _compiled_graphs(
+    bound: dict[str, TracedGraph], found: dict[str, TracedMultigraph], backend: Any, log: CompileLog
+) -> dict[str, CompiledGraph]:
+    """Every graph's program compiled, all in one batch (a backend such as inductor compiles
+    several at once, in worker processes)."""
+    programs = {}
+    for name, graph in bound.items():
+        programs[name], updated = _programs(graph)
+        in_place = f" (in place: {', '.join(updated)})" if updated else ""
+        model = type(found[name].model).__name__
+        log.note(f"graph '{name}' of {model}: compiling with the {backend.name} backend{in_place}")
+    batch = {f"{name}.{FULL_STEP}": p[FULL_STEP] for name, p in programs.items()}
+    binaries = export_many(backend, batch)
+    return {
+        name: CompiledGraph(bound[name], p, {k: binaries[f"{name}.{FULL_STEP}"] for k in p})
+        for name, p in programs.items()
+    }
 
 
 def init_multigraph_runtime(current: Session, pef: str, **_: Any) -> None:
