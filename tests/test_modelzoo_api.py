@@ -519,3 +519,11 @@ def test_make_assets_writes_the_generative_data_prep_layout(tmp_path):
     assert (
         f"checkpoint.model_name_or_path={out}/llama" in commands and "torchrun --nproc_per_node 2" in commands
     )
+
+
+def test_tracing_meta_weights_onto_the_device_is_refused():
+    ROPE_TABLES.clear()
+    model = as_meta(CachingLM())
+    samba.from_torch_model_(model)
+    with pytest.raises(Exception, match="transfer_device=False"):
+        trace_graph(model, keyword_inputs(batch(), scale=0.5), None)
