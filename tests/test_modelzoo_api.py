@@ -527,3 +527,10 @@ def test_tracing_meta_weights_onto_the_device_is_refused():
     samba.from_torch_model_(model)
     with pytest.raises(Exception, match="transfer_device=False"):
         trace_graph(model, keyword_inputs(batch(), scale=0.5), None)
+
+
+def test_pef_info_of_a_missing_file_says_which():
+    from sambaflow.errors import SambaPefError
+
+    with pytest.raises(SambaPefError, match="nowhere.pef"):
+        get_pef_info("/nowhere.pef", ["arch"])
