@@ -487,3 +487,50 @@ def test_a_cached_value_that_changed_since_compile_is_refused(meta_pef):
     inputs = keyword_inputs(batch(), scale=0.5, return_dict=False)
     with pytest.raises(SambaPefError, match="computation differs"):
         trace_graph(model, inputs, optim, loss_indices=[0], pef=meta_pef)
+
+
+def test_make_assets_writes_the_generative_data_prep_layout(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    import sys
+
+    import yaml
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent.parent / "examples" / "modelzoo"))
+    try:
+        import make_assets
+    finally:
+        sys.path.pop(0)
+    out = make_assets.write_assets(tmp_path, max_seq_length=32, n_train=16, n_dev=4)
+    assert yaml.safe_load((out / "dataset" / "metadata.yaml").read_text())["max_seq_length"] == 32
+    with h5py.File(out / "dataset" / "train_1_of_1.hdf5") as f:
+        assert set(f) == {"input_ids", "token_type_ids"}
+        ids, types = f["input_ids"][:], f["token_type_ids"][:]
+    assert ids.shape == types.shape == (16, 32) and ids.dtype.name == "int32"
+    assert (types == types[0]).all()  # every row trains on as many tokens (data parallel == one process)
+    assert set(types[0].tolist()) == {0, 1, 2, 3}  # prompt, completion, padding, article end
+    tokenizer = AutoTokenizer.from_pretrained(str(out / "trained_rdu"))
+    config = AutoConfig.from_pretrained(str(out / "llama"))
+    assert (
+        config.model_type == "llama" and ids.max() < config.vocab_size and len(tokenizer) <= config.vocab_size
+    )
+    AutoModelForCausalLM.from_pretrained(str(out / "llama"))
+    commands = make_assets.commands(out, "/mz", 32)
+    assert (
+        f"checkpoint.model_name_or_path={out}/llama" in commands and "torchrun --nproc_per_node 2" in commands
+    )
+
+
+def test_tracing_meta_weights_onto_the_device_is_refused():
+    ROPE_TABLES.clear()
+    model = as_meta(CachingLM())
+    samba.from_torch_model_(model)
+    with pytest.raises(Exception, match="transfer_device=False"):
+        trace_graph(model, keyword_inputs(batch(), scale=0.5), None)
+
+
+def test_pef_info_of_a_missing_file_says_which():
+    from sambaflow.errors import SambaPefError
+
+    with pytest.raises(SambaPefError, match="nowhere.pef"):
+        get_pef_info("/nowhere.pef", ["arch"])

@@ -53,7 +53,8 @@ def assets(tmp_path_factory):
     return make_assets.write_assets(tmp_path_factory.mktemp("modelzoo"), SEQ, n_train=64, n_dev=8)
 
 
-def app(name: str, *overrides: str, torchrun: bool = False, backend: str = "reference") -> str:
+def app(name: str, *overrides: str, cwd: Path, torchrun: bool = False, backend: str = "reference") -> str:
+    """Run a training app of the modelzoo in its own process (Hydra writes its outputs/ under `cwd`)."""
     script = Path(MODELZOO) / "examples/nlp/training" / name
     env = {
         **os.environ,
@@ -70,7 +71,7 @@ def app(name: str, *overrides: str, torchrun: bool = False, backend: str = "refe
     done = subprocess.run(
         [*launcher, str(script), *overrides],
         env=env,
-        cwd=Path(MODELZOO),
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=900,
@@ -108,6 +109,7 @@ def eager(assets):
             *common(assets, 4, True),
             *data(assets),
             f"training.output_dir={assets}/trained_cpu",
+            cwd=assets,
         )
     )
 
@@ -120,6 +122,7 @@ def compiled_run(assets):
         *common(assets, 4, False),
         "samba_compile.arch=sn30",
         f"samba_compile.output_folder={assets}/pef",
+        cwd=assets,
     )
     assert "no effect here: arch=sn30" in out
     pef = f"{assets}/pef/rdu_train_llm/rdu_train_llm.pef"
@@ -130,6 +133,7 @@ def compiled_run(assets):
         *data(assets),
         f"samba_run.pef={pef}",
         f"training.output_dir={assets}/trained_rdu",
+        cwd=assets,
     )
     return losses(run)
 
@@ -161,6 +165,7 @@ def test_data_parallel_under_torchrun_equals_one_process(assets, compiled_run):
         *common(assets, 2, False),
         "samba_compile.arch=sn30",
         f"samba_compile.output_folder={assets}/pef_dp",
+        cwd=assets,
     )
     pef = f"{assets}/pef_dp/rdu_train_llm/rdu_train_llm.pef"
     out = app(
@@ -171,6 +176,7 @@ def test_data_parallel_under_torchrun_equals_one_process(assets, compiled_run):
         f"samba_run.pef={pef}",
         "training.evaluate=false",
         f"training.output_dir={assets}/trained_dp",
+        cwd=assets,
         torchrun=True,
     )
     assert out.count("no MPI backend") == 2  # one line per process

@@ -143,10 +143,10 @@ def commands(
         f" model.max_seq_length={max_seq_length} 'generation.prompts=[\"the movie was\"]'",
         f"python {gen}/rdu_generate_text.py command=compile checkpoint.model_name_or_path={out}/trained_rdu"
         f" model.max_seq_length={max_seq_length} generation.batch_size=1 samba_compile.arch=sn30"
-        f" samba_compile.output_folder={out}/pef_gen",
+        f" samba_compile.output_folder={out}/pef_gen samba_compile.pef_name=gen",
         f"python {gen}/rdu_generate_text.py command=run checkpoint.model_name_or_path={out}/trained_rdu"
         f" model.max_seq_length={max_seq_length} generation.batch_size=1"
-        f" samba_run.pef={out}/pef_gen/rdu_generate_text/rdu_generate_text.pef"
+        f" samba_run.pef={out}/pef_gen/gen/gen.pef"
         " 'generation.prompts=[\"the movie was\"]'",
     ]
     return "\n".join(lines)

@@ -8,6 +8,9 @@ get_pefmeta_dict(meta, model))`; at run it reads single keys back with `get_pef_
 
 from __future__ import annotations
 
+import copy
+import functools
+import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -38,10 +41,20 @@ def get_pefmeta_dict(metadata: Mapping[str, Any], model: nn.Module | None = None
 
 
 def pef_metadata(pef: str) -> dict[str, Any]:
-    """The metadata a PEF was compiled with (checked: a damaged or foreign file says so)."""
+    """The metadata a PEF was compiled with (checked: a damaged or foreign file says so). Read once
+    per file version: the modelzoo asks for one key at a time."""
     if not pef:
         raise SambaPefError("get_pef_info: no PEF path given (samba_run.pef): pass the compiled PEF")
-    return dict(PefFile(str(pef)).manifest.get("pef_metadata", {}))
+    try:
+        stat = os.stat(pef)
+    except OSError as exc:
+        raise SambaPefError(f"get_pef_info: cannot read PEF {pef!r}: {exc.strerror}") from None
+    return copy.deepcopy(_metadata(os.path.abspath(pef), stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=8)
+def _metadata(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
+    return PefFile(path).manifest.get("pef_metadata", {})
 
 
 def get_pef_info(pef: str, keys: Mapping[str, PefInfoStruct] | list[str]) -> dict[str, Any]:

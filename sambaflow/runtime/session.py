@@ -25,7 +25,7 @@ from sambaflow.runtime.executable import Executable
 from sambaflow.runtime.feeds import check_seed, expand_hyperparams, match_inputs, resolve_sections
 from sambaflow.runtime.index_check import explained_failures
 from sambaflow.runtime.multigraph import MultigraphSession
-from sambaflow.runtime.transfers import Transfers
+from sambaflow.runtime.transfers import Transfers, check_has_values
 from sambaflow.tensors.current import set_current_session
 from sambaflow.tensors.model import buffer_name
 from sambaflow.tensors.sambatensor import SambaTensor, named_view
@@ -120,6 +120,7 @@ class Session(SessionDirectives, MultigraphSession, Transfers):
             self.store[spec.name] = torch.zeros(spec.shape, dtype=spec.dtype)
         self.host_model = model
         if transfer_device:  # else the app calls to_device() (SambaNova's data-parallel modelzoo app)
+            check_has_values(model, "trace_graph")
             self.to_rdu(model, self.optimizers)
         return self._outputs()
 

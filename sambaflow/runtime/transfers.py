@@ -35,6 +35,18 @@ def last_converted() -> nn.Module | None:
     return _converted[0]() if _converted else None
 
 
+def check_has_values(model: nn.Module, what: str) -> None:
+    """Refuse moving a model whose parameters are on the `meta` device (they hold no values)."""
+    meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if meta:
+        raise SambaRunError(
+            f"{what}: {len(meta)} parameters of {type(model).__name__} are on the meta device (e.g. "
+            f"'{meta[0]}'), so they hold no values: trace with transfer_device=False, then build the "
+            "model with real weights (outside init_empty_weights), convert it with "
+            "samba.from_torch_model_ and call samba.session.to_device()"
+        )
+
+
 class Transfers:
     """Mixed into the session: `to_device`, `_traced_tensors`, `optim_dict`."""
 
@@ -46,13 +58,7 @@ class Transfers:
         model = model if model is not None else last_converted() or self.host_model
         if model is None:
             raise SambaRunError("session.to_device: no model: call samba.from_torch_model_(model) first")
-        meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-        if meta:
-            raise SambaRunError(
-                f"session.to_device: {len(meta)} parameters of {type(model).__name__} are on the meta device "
-                f"(e.g. '{meta[0]}'), so they hold no values: build the model with real weights "
-                "(outside init_empty_weights), convert it with samba.from_torch_model_, then call to_device"
-            )
+        check_has_values(model, "session.to_device")
         self.host_model = model
         self.to_rdu(model, self.optimizers)  # type: ignore[attr-defined]
 
