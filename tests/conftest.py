@@ -28,6 +28,8 @@ def _fresh_session():
     from sambaflow import samba
 
     samba.session.reset()
+    samba.session.clear_graphs()  # multigraph traces (trace_multigraph / add_graph) too
     torch.manual_seed(0)
     yield
     samba.session.reset()
+    samba.session.clear_graphs()

@@ -26,6 +26,7 @@ from sambaflow.passes.memory import peak_computed_bytes
 from sambaflow.pef.file import CompiledGraph, write_pef
 from sambaflow.pef.sign import key_path, load_key, user_key
 from sambaflow.runtime.executable import Executable
+from sambaflow.trace.plan import takes_keywords
 
 
 def pef_path_for(name: str, config: dict[str, Any], inference: bool) -> str:
@@ -72,7 +73,9 @@ def compile_pef(
     graphs = {}
     optimizers = [] if inference else optimizer_list(optim)
     amp = requested_preset(graphamp_preset, config)
-    if isinstance(inputs, Mapping):  # several named forward graphs (cached generation: prompt, token)
+    if isinstance(inputs, Mapping) and not takes_keywords(
+        model, inputs
+    ):  # several named forward graphs (cached generation: prompt, token)
         inference = True
         for graph_name, graph_inputs in named_graph_inputs(inputs, optimizers).items():
             graphs[graph_name] = _compiled(
@@ -206,13 +209,24 @@ class CompileLog:
         self.lines.append(f"[{time.perf_counter() - self.started:7.2f}s] {message}")
 
     def finish(self, config: dict[str, Any], graph: Any) -> None:
-        from sambaflow.app.args import ineffective_arguments
+        from sambaflow.app.args import INEFFECTIVE_ARGUMENTS, ineffective_arguments
+        from sambaflow.app.rdu_settings import RDU_ONLY, fusion_hints, no_effect_line, rdu_only_given
+        from sambaflow.samba.directives import fusion_scopes
 
         report = [
             f"sambaflow {sambaflow.__version__}, torch {torch.__version__}, python {sys.version.split()[0]}",
             "arguments: " + json.dumps(jsonable(config), sort_keys=True),
         ]
-        unused = ineffective_arguments(_namespace(config)) if config else []
+        # SambaNova's modelzoo (samba_compile: CompileArgs) gives RDU settings the argument parser
+        # has no flag for: then they are all listed in one line, the flagged ones included
+        given = rdu_only_given(config)
+        flagged = set(INEFFECTIVE_ARGUMENTS) | {"log_level", "log_dir", "reduce_on_rdu"}  # parse_app_args's
+        hints = fusion_hints(fusion_scopes())
+        modelzoo = set(given) - flagged or any(hints.values())
+        rdu = no_effect_line(config, hints) if modelzoo else None
+        rest = {k: v for k, v in config.items() if not (rdu and k in RDU_ONLY)}
+        unused = ineffective_arguments(_namespace(rest)) if rest else []
+        unused += [rdu] if rdu else []
         report += [f"NO EFFECT: {line}" for line in unused] or ["every given argument took effect"]
         report += [f"fixed at compile time (not run-time inputs): {note}" for note in graph.baked]
         report += [f"run-time hyperparameters: {graph.hyper_defaults}"]

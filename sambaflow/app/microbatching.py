@@ -3,7 +3,7 @@ micro-batching pass (`passes/microbatch.py`) build the batch's step from micro-b
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -36,6 +36,11 @@ def trace_microbatched(
     )
     if not microbatch_size or not optimizers:
         return full
+    if isinstance(inputs, Mapping):
+        raise SambaTraceError(
+            "micro-batching (-mb) a step traced as forward(**inputs) is not supported: compile "
+            "without -mb, or trace with a tuple of inputs"
+        )
     batch = _batch_size(full)
     check_microbatch_size(full.inputs, batch, microbatch_size)
     if microbatch_size == batch:

@@ -29,6 +29,7 @@ from sambaflow.runtime.executable import Executable
 from sambaflow.runtime.session import session
 from sambaflow.tensors.sambatensor import SambaTensor
 from sambaflow.trace.graph import TracedGraph
+from sambaflow.trace.plan import takes_keywords
 from sambaflow.trace.tracer import trace_step
 
 
@@ -67,7 +68,8 @@ def trace_graph(
     otherwise the step is compiled here with `backend` (default: the parsed `--backend`, else
     `$SAMBAFLOW_BACKEND`, else inductor; programs compile on first use and are cached on disk),
     saying so in one line. With no optimizer the graph is
-    forward-only. Returns the graph's outputs, also stored as `model.output_tensors`.
+    forward-only. Returns the graph's outputs, also stored as `model.output_tensors`. With
+    `transfer_device=False` no weights move: the app calls `session.to_device()` later.
 
     With a signing key (`sign_key`, else the parsed `--sign-key`, else `$SAMBAFLOW_SIGN_KEY`) only a
     PEF signed with it loads; its signature is checked before anything in it is used.
@@ -84,7 +86,7 @@ def trace_graph(
     chosen = None if pef_file is not None else choose_backend(requested, progress)
     _say_how_it_runs(pef_file, requested, chosen)
     preset = preset_for_run(requested_preset(graphamp_preset), pef_file)
-    if isinstance(inputs, Mapping):
+    if isinstance(inputs, Mapping) and not takes_keywords(model, inputs):
         named = named_graph_inputs(inputs, optimizers)
         return _trace_named_graphs(model, named, pef_file, chosen, preset)
     if pef_file is not None and optimizers and "train" not in pef_file.kinds:
@@ -112,7 +114,7 @@ def trace_graph(
             f"gradient accumulation: each run adds its gradients; the weights update once every {steps} runs"
         )
     check_step_fits(executable)
-    outputs = session.load(executable, model, optimizers, init_output_grads, steps)
+    outputs = session.load(executable, model, optimizers, init_output_grads, steps, transfer_device)
     model.output_tensors = outputs
     return outputs
 

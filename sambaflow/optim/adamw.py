@@ -73,8 +73,8 @@ class AdamW(SambaOptimizer):
         for param, grad, state in zip(params, grads, states):
             step = state["step"] + 1
             param = param * (1 - lr * hyper["weight_decay"])
-            exp_avg = state["exp_avg"] + (1 - beta1) * (grad - state["exp_avg"])  # lerp
-            exp_avg_sq = beta2 * state["exp_avg_sq"] + (1 - beta2) * grad * grad
+            exp_avg = _lerp(state["exp_avg"], grad, 1 - beta1)
+            exp_avg_sq = _addcmul(state["exp_avg_sq"] * beta2, grad, grad, 1 - beta2)
             step64 = step.to(torch.float64)
             bias1 = 1 - beta1**step64
             bias2_sqrt = (1 - beta2**step64).sqrt()
@@ -85,7 +85,7 @@ class AdamW(SambaOptimizer):
                 new_state["max_exp_avg_sq"] = second
             denom = second.sqrt() / bias2_sqrt + hyper["eps"]
             # torch's addcdiv_ order: param + (value * exp_avg) / denom
-            new_params.append(param + (-(lr / bias1) * exp_avg) / denom)
+            new_params.append(_addcdiv(param, exp_avg, denom, -(lr / bias1)))
             new_states.append(new_state)
         return new_params, new_states
 
@@ -103,3 +103,32 @@ class AdamW(SambaOptimizer):
             "fused": None,
             "max_grad_norm": self.defaults["max_grad_norm"],
         }
+
+
+# torch.optim.AdamW's in-place ops (lerp_, addcmul_, addcdiv_) compute in float32 for bfloat16 and
+# float16 tensors and round once; written out op by op in that dtype, each op would round, and bf16
+# weights would drift from eager's by an ulp on many elements each step. For float32 these are the
+# plain formulas.
+_NARROW = (torch.bfloat16, torch.float16)
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in _NARROW else t
+
+
+def _lerp(start: torch.Tensor, end: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`start.lerp_(end, weight)`: ATen's two-sided formula, one rounding."""
+    a, b = _wide(start), _wide(end)
+    low = a + weight * (b - a)
+    high = b - (b - a) * (1 - weight)
+    return torch.where(weight < 0.5, low, high).to(start.dtype)
+
+
+def _addcmul(base: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """`base.addcmul_(t1, t2, value=value)`: one rounding."""
+    return (_wide(base) + value * _wide(t1) * _wide(t2)).to(base.dtype)
+
+
+def _addcdiv(base: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """`base.addcdiv_(t1, t2, value=value)`: one rounding."""
+    return (_wide(base) + (value * _wide(t1)) / _wide(t2)).to(base.dtype)

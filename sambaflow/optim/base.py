@@ -15,6 +15,7 @@ from typing import Any, Iterable
 import torch
 
 from sambaflow.errors import SambaOptimizerError
+from sambaflow.tensors.meta import on_host
 
 Hyper = dict[str, torch.Tensor]
 State = dict[str, torch.Tensor]
@@ -110,7 +111,7 @@ class SambaOptimizer:
         fresh optimizer holds no host copy of its state until `to_cpu` brings one back."""
         if index in self.state:
             return self.state[index]
-        return self.initial_state(self.params[index].detach())
+        return self.initial_state(on_host(self.params[index].detach()))  # meta: zeros on the host
 
     def param_name(self, index: int) -> str:
         return self.params[index].sn_name

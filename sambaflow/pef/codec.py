@@ -128,7 +128,7 @@ def _encode_torch_value(value: Any) -> Any:
 
 def _encode_tensor(tensor: torch.Tensor) -> dict[str, Any]:
     data = tensor.detach().cpu().contiguous()
-    raw = data.view(torch.uint8).numpy().tobytes() if data.numel() else b""
+    raw = data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b""  # 0-d too
     return {
         "dtype": dtype_name(data.dtype),
         "shape": list(data.shape),

@@ -90,7 +90,7 @@ def _in_compiled_order(given: Any, specs: list[TensorSpec]) -> dict[str, torch.T
 
 def _pairs(given: Any, specs: list[TensorSpec]) -> list[tuple[str, Any]]:
     if isinstance(given, dict) or (not isinstance(given, (list, tuple)) and isinstance(given, Mapping)):
-        return list(given.items())
+        return _keyword_pairs(given)
     if isinstance(given, torch.Tensor):
         given = [given]
     if not isinstance(given, (list, tuple)):
@@ -104,6 +104,30 @@ def _pairs(given: Any, specs: list[TensorSpec]) -> list[tuple[str, Any]]:
             name = specs[i].name if i < len(specs) else f"<unnamed input {i}>"
         pairs.append((name, value))
     return pairs
+
+
+def _keyword_pairs(given: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """`{name: tensor}`, or forward's keyword arguments as traced (`forward(**inputs)`): a tuple or
+    list value holds tensors named by their own names; Python constants were fixed at trace time."""
+    pairs: list[tuple[str, Any]] = []
+    for key, value in given.items():
+        if isinstance(value, (tuple, list)):
+            for i, item in enumerate(value):
+                if isinstance(item, torch.Tensor):
+                    name = getattr(item, "sn_name", None)
+                    if name is None:
+                        raise SambaRunError(
+                            f"input_tensors['{key}'][{i}] has no name: make it with "
+                            "samba.from_torch_tensor(t, name=...) using the name it was traced with"
+                        )
+                    pairs.append((name, item))
+        elif isinstance(value, torch.Tensor) or value is None or not _constant(value):
+            pairs.append((key, value))
+    return pairs
+
+
+def _constant(value: Any) -> bool:
+    return isinstance(value, (bool, int, float, str))
 
 
 def _checked(value: Any, spec: TensorSpec, what: str) -> torch.Tensor:

@@ -20,9 +20,12 @@ from torch import nn
 from sambaflow.errors import SambaRunError
 from sambaflow.optim.base import SambaOptimizer, hyper_name, state_name
 from sambaflow.passes.sections import FULL_STEP, SAVED_PREFIX
+from sambaflow.runtime.directives import SessionDirectives
 from sambaflow.runtime.executable import Executable
 from sambaflow.runtime.feeds import check_seed, expand_hyperparams, match_inputs, resolve_sections
 from sambaflow.runtime.index_check import explained_failures
+from sambaflow.runtime.multigraph import MultigraphSession
+from sambaflow.runtime.transfers import Transfers, check_has_values
 from sambaflow.tensors.current import set_current_session
 from sambaflow.tensors.model import buffer_name
 from sambaflow.tensors.sambatensor import SambaTensor, named_view
@@ -39,20 +42,46 @@ from sambaflow.trace.graph import (
 )
 
 
-class Session:
-    """What `samba.session` is: one per process."""
+class Session(SessionDirectives, MultigraphSession, Transfers):
+    """What `samba.session` is: one per process (directives: runtime/directives.py; SambaFlow's
+    multigraph API: runtime/multigraph.py; the modelzoo's host/device transfers: runtime/transfers.py)."""
 
     def __init__(self) -> None:
         self.tracing = True
         self.pinned_memory = False
         self.trace_count = 0
         self._compiler: Callable[..., str] | None = None
+        #: what the app gave `setup` (SambaNova's modelzoo: its CompileArgs / RunArgs), as a dict
+        self.setup_args: dict[str, Any] = {}
+        self._reset_directives()
+        self._reset_multigraph()
         self.reset()
+
+    def setup(self, args: Any = None, **kwargs: Any) -> None:
+        """Prepare for compile or run with the app's SambaFlow arguments (a pydantic model such as
+        `samba.argconf.args.CompileArgs`, a dict or an argparse namespace). They are recorded:
+        compile lists the RDU compiler settings among them as having no effect. Nothing else
+        needs preparing here (no device discovery, no runtime environment)."""
+        if args is None:
+            given: dict[str, Any] = {}
+        elif hasattr(args, "model_dump"):
+            given = args.model_dump()
+        elif isinstance(args, Mapping):
+            given = dict(args)
+        elif hasattr(args, "__dict__"):
+            given = dict(vars(args))
+        else:
+            raise SambaRunError(
+                f"session.setup: expected the app's arguments (a pydantic model, dict or namespace), "
+                f"got {type(args).__name__}"
+            )
+        self.setup_args = {**given, **kwargs}
 
     # --- lifecycle ------------------------------------------------------------------------------
     def reset(self) -> None:
         """Forget the traced graph and the device tensor store."""
         self.executable: Executable | None = None
+        self.host_model = None
         #: named graphs sharing the store (`load_graphs`); `run(graph_name=)` makes one current
         self.graphs: dict[str, Executable] = {}
         self.store: dict[str, torch.Tensor] = {}
@@ -65,6 +94,7 @@ class Session:
         self._accumulated: dict[str, torch.Tensor] = {}  # gradients summed over the runs so far
         self._accumulated_runs = 0
         self._replicas_checked = False
+        self._reset_region_runtime()
 
     def load(
         self,
@@ -73,6 +103,7 @@ class Session:
         optimizers: Sequence[SambaOptimizer],
         init_output_grads: bool = True,
         grad_accumulation_steps: int = 1,
+        transfer_device: bool = True,
     ) -> list[SambaTensor]:
         """Make `executable` current and move the host model and optimizer state to the device.
 
@@ -87,7 +118,10 @@ class Session:
         self.store.update((n, torch.tensor(v, dtype=torch.float64)) for n, v in graph.hyper_defaults.items())
         for spec in graph.inputs_with_role(INPUT):
             self.store[spec.name] = torch.zeros(spec.shape, dtype=spec.dtype)
-        self.to_rdu(model, self.optimizers)
+        self.host_model = model
+        if transfer_device:  # else the app calls to_device() (SambaNova's data-parallel modelzoo app)
+            check_has_values(model, "trace_graph")
+            self.to_rdu(model, self.optimizers)
         return self._outputs()
 
     def load_graphs(
@@ -130,6 +164,13 @@ class Session:
     ) -> str:
         """Trace and compile into a PEF file; return its path (the app layer's `compile_pef`,
         which `sambaflow.samba` installs with `set_compiler`: the runtime does not import the app)."""
+        if "optimizers" in kwargs:  # SambaFlow's keyword (SambaNova's modelzoo passes it)
+            given = kwargs.pop("optimizers")
+            if optimizer is not None and given is not None:
+                raise SambaRunError(
+                    "session.compile: optimizer given twice (positionally and as optimizers=): pass one"
+                )
+            optimizer = given if given is not None else optimizer
         if self._compiler is None:
             raise SambaRunError(
                 "session.compile: no compiler is installed; import sambaflow.samba (which installs "
@@ -176,8 +217,11 @@ class Session:
         self, model: nn.Module, optimizers: Sequence[SambaOptimizer] | SambaOptimizer | None = None
     ) -> None:
         """Copy device weights (and, given optimizers, their state) back into the host objects;
-        a host tensor the store holds as its own memory (`to_rdu`) has the device's values already."""
-        self._require_graph("to_cpu")
+        a host tensor the store holds as its own memory (`to_rdu`) has the device's values already.
+        With no graph loaded the host weights are the only ones, and there is nothing to copy (the
+        modelzoo's eager apps call it)."""
+        if self.executable is None:
+            return
         with torch.no_grad():
             for name, tensor in _host_tensors(model):
                 stored = self.store.get(name)
@@ -232,9 +276,14 @@ class Session:
 
         With `data_parallel` (or `reduce_on_rdu`) the gradients are averaged over all replicas
         (`runtime/communicator.py`) once backward made them, before gradnorm and opt. With
-        `graph_name`, that one of the loaded graphs (`load_graphs`) runs, and stays current."""
+        `graph_name`, that one of the loaded graphs (`load_graphs`) runs, and stays current; after
+        `init_multigraph_runtime`, that graph of the multigraph PEF (runtime/multigraph.py)."""
+        if self.region_graphs:
+            return self.run_region_graph(_multigraph_name(graph_name, self.region_graphs), input_tensors)
         if graph_name is not None:
             self._select_graph(graph_name)
+        if isinstance(output_tensors, torch.Tensor):  # one output tensor (the loss, say)
+            output_tensors = [output_tensors]
         executable = self._require_executable()
         graph = executable.graph
         sections = resolve_sections(section_types, executable.sections)
@@ -423,6 +472,15 @@ class Session:
         self.pinned_memory = False
 
 
+def _multigraph_name(graph_name: str | None, graphs: Mapping[str, Any]) -> str:
+    if graph_name is None:
+        raise SambaRunError(
+            f"session.run: a multigraph PEF is loaded (init_multigraph_runtime): pass graph_name= "
+            f"one of {sorted(graphs)}"
+        )
+    return graph_name
+
+
 def _host_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     tensors = [(p.sn_name, p) for p in model.parameters() if getattr(p, "sn_name", None)]
     tensors += [(buffer_name(path), b) for path, b in model.named_buffers()]
@@ -484,9 +542,10 @@ def _explicit_seeds(
     names: list[str], outputs: Sequence[torch.Tensor] | None, grads: Sequence[Any] | None
 ) -> dict[str, Any]:
     seeds: dict[str, Any] = {}
-    for name, out in zip(names, outputs or []):
+    for position, out in zip(names, outputs or []):
+        name = getattr(out, "sn_name", None)  # by name; an unnamed tensor by its position
         if getattr(out, "__dict__", {}).get("_sn_grad") is not None:
-            seeds[name] = out.__dict__["_sn_grad"]
+            seeds[name if name in names else position] = out.__dict__["_sn_grad"]
     if grads is not None:
         if isinstance(grads, torch.Tensor):
             grads = [grads]

@@ -22,11 +22,29 @@ from sambaflow.tensors.sambatensor import SambaParameter, SambaTensor
 
 session.set_compiler(compile_pef)  # the public layer wires the app's compiler into the runtime
 
+# --- SambaFlow's multigraph API and the ops SambaNova's modelzoo calls (issue 18, generation) ---
+from sambaflow.app.multigraph import compile_multigraph, init_multigraph_runtime  # noqa: E402
+from sambaflow.samba import directives, graph  # noqa: E402
+from sambaflow.tensors.factories import from_named_dict  # noqa: E402
+from sambaflow.tensors.ops import triu_fill  # noqa: E402
+
+session.set_multigraph_hooks(compile_multigraph, init_multigraph_runtime)
+
+# --- SambaNova's modelzoo (training) ---------------------------------------------------------------
+from sambaflow.runtime import mpi_fallback  # noqa: E402
+from sambaflow.samba import lazy_param  # noqa: E402,F401
+
+mpi_fallback.install()  # init_process_group(backend='mpi') joins with gloo where MPI is missing, saying so
+
 __all__ = [
     "SambaParameter",
     "SambaTensor",
     "addmm",
     "check_output_path",
+    "directives",
+    "from_named_dict",
+    "graph",
+    "triu_fill",
     "from_torch",
     "from_torch_",
     "from_torch_model_",

@@ -11,8 +11,12 @@ from sambaflow.host_memory import check_fits
 from sambaflow.tensors.sambatensor import SambaTensor
 
 
-def _wrap(data: torch.Tensor, name: str | None, batch_dim: int | None, requires_grad: bool) -> SambaTensor:
-    return SambaTensor(data, name=name, batch_dim=batch_dim, requires_grad=requires_grad)
+def _wrap(
+    data: torch.Tensor, name: str | None, batch_dim: int | None, requires_grad: bool, sized_dims: Any = None
+) -> SambaTensor:
+    return SambaTensor(
+        data, name=name, batch_dim=batch_dim, requires_grad=requires_grad, sized_dims=sized_dims
+    )
 
 
 def _check_fits(factory: str, size: tuple, dtype: Any, name: str | None, kwargs: dict) -> None:
@@ -44,9 +48,11 @@ def randn(
     dtype: torch.dtype | None = None,
     **kwargs: Any,
 ) -> SambaTensor:
-    """`torch.randn` returning a named SambaTensor."""
+    """`torch.randn` returning a named SambaTensor (`sized_dims`: see SambaTensor.sized_dims)."""
+    sized_dims = kwargs.pop("sized_dims", None)
     _check_fits("samba.randn", _size(size), dtype, name, kwargs)
-    return _wrap(torch.randn(*_size(size), dtype=dtype, **kwargs), name, batch_dim, requires_grad)
+    data = torch.randn(*_size(size), dtype=dtype, **kwargs)
+    return _wrap(data, name, batch_dim, requires_grad, sized_dims)
 
 
 def rand(
@@ -57,9 +63,11 @@ def rand(
     dtype: torch.dtype | None = None,
     **kwargs: Any,
 ) -> SambaTensor:
-    """`torch.rand` returning a named SambaTensor."""
+    """`torch.rand` returning a named SambaTensor (`sized_dims`: see SambaTensor.sized_dims)."""
+    sized_dims = kwargs.pop("sized_dims", None)
     _check_fits("samba.rand", _size(size), dtype, name, kwargs)
-    return _wrap(torch.rand(*_size(size), dtype=dtype, **kwargs), name, batch_dim, requires_grad)
+    data = torch.rand(*_size(size), dtype=dtype, **kwargs)
+    return _wrap(data, name, batch_dim, requires_grad, sized_dims)
 
 
 def zeros(
@@ -70,9 +78,11 @@ def zeros(
     dtype: torch.dtype | None = None,
     **kwargs: Any,
 ) -> SambaTensor:
-    """`torch.zeros` returning a named SambaTensor."""
+    """`torch.zeros` returning a named SambaTensor (`sized_dims`: see SambaTensor.sized_dims)."""
+    sized_dims = kwargs.pop("sized_dims", None)
     _check_fits("samba.zeros", _size(size), dtype, name, kwargs)
-    return _wrap(torch.zeros(*_size(size), dtype=dtype, **kwargs), name, batch_dim, requires_grad)
+    data = torch.zeros(*_size(size), dtype=dtype, **kwargs)
+    return _wrap(data, name, batch_dim, requires_grad, sized_dims)
 
 
 def ones(
@@ -83,9 +93,11 @@ def ones(
     dtype: torch.dtype | None = None,
     **kwargs: Any,
 ) -> SambaTensor:
-    """`torch.ones` returning a named SambaTensor."""
+    """`torch.ones` returning a named SambaTensor (`sized_dims`: see SambaTensor.sized_dims)."""
+    sized_dims = kwargs.pop("sized_dims", None)
     _check_fits("samba.ones", _size(size), dtype, name, kwargs)
-    return _wrap(torch.ones(*_size(size), dtype=dtype, **kwargs), name, batch_dim, requires_grad)
+    data = torch.ones(*_size(size), dtype=dtype, **kwargs)
+    return _wrap(data, name, batch_dim, requires_grad, sized_dims)
 
 
 def randint(
@@ -138,6 +150,8 @@ def from_torch_tensor(
     name: str | None = None,
     batch_dim: int | None = None,
     requires_grad: bool | None = None,
+    sized_dims: Any = None,
+    region_name: str | None = None,
 ) -> SambaTensor:
     """Wrap a torch tensor as a SambaTensor that shares its memory."""
     if not isinstance(tensor, torch.Tensor):
@@ -145,7 +159,21 @@ def from_torch_tensor(
     if isinstance(tensor, SambaTensor):
         name = tensor.sn_name if name is None else name
         batch_dim = tensor.batch_dim if batch_dim is None else batch_dim
-    return SambaTensor(tensor, name=name, batch_dim=batch_dim, requires_grad=requires_grad)
+    return SambaTensor(
+        tensor,
+        name=name,
+        batch_dim=batch_dim,
+        requires_grad=requires_grad,
+        sized_dims=sized_dims,
+        region_name=region_name,
+    )
+
+
+def from_named_dict(tensors: dict[str, torch.Tensor]) -> dict[str, SambaTensor]:
+    """`{name: tensor}` -> `{name: SambaTensor named name}` (sharing memory): feeds for `session.run`."""
+    if not isinstance(tensors, dict):
+        raise TypeError(f"from_named_dict expects a dict of name -> tensor, got {type(tensors).__name__}")
+    return {name: from_torch_tensor(t, name=name) for name, t in tensors.items()}
 
 
 from_torch = from_torch_tensor

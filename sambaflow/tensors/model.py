@@ -33,7 +33,13 @@ def from_torch_model_(model: nn.Module) -> nn.Module:
             if param is None:
                 continue
             module._parameters[leaf] = _converted(param, samba_name(path, leaf), converted)
+    for hook in _converted_hooks:
+        hook(model)
     return model
+
+
+#: called with each model `from_torch_model_` converted (the runtime registers `note_converted`)
+_converted_hooks: list = []
 
 
 def _converted(param: nn.Parameter, name: str, converted: dict[int, SambaParameter]) -> SambaParameter:

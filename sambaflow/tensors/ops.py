@@ -35,3 +35,15 @@ def _check_addmm_shapes(x: torch.Tensor, weight: torch.Tensor, is_transposed: bo
             f"read as {layout} (is_transposed={is_transposed}) takes {inner}; flip is_transposed "
             f"if the weight is laid out the other way"
         )
+
+
+def triu_fill(input: torch.Tensor, value: float) -> torch.Tensor:
+    """`input` with the strict upper triangle of its last two dims (column > row) set to `value`:
+    causal masking of attention scores. The result keeps `input`'s dtype."""
+    if not isinstance(input, torch.Tensor) or input.dim() < 2:
+        raise SambaArgumentError(
+            f"triu_fill: input must be a tensor of at least 2 dims, got {getattr(input, 'shape', type(input).__name__)}"
+        )
+    rows, cols = input.shape[-2:]
+    above = torch.arange(cols).reshape(1, cols) > torch.arange(rows).reshape(rows, 1)
+    return torch.where(above, torch.tensor(value, dtype=input.dtype), input)

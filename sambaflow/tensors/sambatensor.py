@@ -35,12 +35,38 @@ class SambaTensor(torch.Tensor):
         name: str | None = None,
         batch_dim: int | None = None,
         requires_grad: bool | None = None,
+        region_name: str | None = None,
+        sized_dims: Any = None,
     ) -> SambaTensor:
         data = _initial_data(torch_tensor, shape, dtype)
         grad_flag = data.requires_grad if requires_grad is None else requires_grad
         tensor = torch.Tensor._make_subclass(cls, data.detach(), grad_flag)
         _set_samba_attributes(tensor, name, batch_dim)
+        if region_name is not None:
+            tensor.sn_region_name = region_name
+        if sized_dims is not None:
+            tensor.sized_dims = sized_dims
         return tensor
+
+    @property
+    def sn_region_name(self) -> str | None:
+        """The device region this tensor lives in (SambaFlow's multigraph): tensors of one region,
+        in any graph of a PEF, are one device tensor. Default: the tensor's own name."""
+        return self.__dict__.get("_sn_region_name") or self.sn_name
+
+    @sn_region_name.setter
+    def sn_region_name(self, value: str | None) -> None:
+        self.__dict__["_sn_region_name"] = value
+
+    @property
+    def sized_dims(self) -> list[Any] | None:
+        """SambaFlow's dynamic-dimension names per dim (None: static). Recorded; every graph here
+        is compiled for the traced shape."""
+        return self.__dict__.get("_sized_dims")
+
+    @sized_dims.setter
+    def sized_dims(self, value: Any) -> None:
+        self.__dict__["_sized_dims"] = None if value is None else list(value)
 
     @property
     def name(self) -> str | None:  # type: ignore[override]
@@ -69,6 +95,11 @@ class SambaTensor(torch.Tensor):
         """Host copy. Host and device memory are both host memory for the CPU backend."""
         return self._renamed(torch.Tensor.cpu(self, *args, **kwargs))
 
+    @property
+    def has_data(self) -> bool:
+        """False for a tensor on the `meta` device (accelerate's `init_empty_weights`): no values."""
+        return self.device.type != "meta"
+
     def rdu(self) -> SambaTensor:
         """Mark for the device; data moves to the device when a graph runs."""
         return self
@@ -88,7 +119,8 @@ class SambaTensor(torch.Tensor):
     def _renamed(self, result: torch.Tensor) -> SambaTensor:
         if result is self:
             return self
-        return SambaTensor(result, name=self.sn_name, batch_dim=self.batch_dim)
+        region = self.__dict__.get("_sn_region_name")
+        return SambaTensor(result, name=self.sn_name, batch_dim=self.batch_dim, region_name=region)
 
     def __repr__(self, *, tensor_contents: Any = None) -> str:  # type: ignore[override]
         values = repr(self.torch().detach())

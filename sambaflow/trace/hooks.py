@@ -33,6 +33,8 @@ class ModuleWatch:
     stack: list[str] = field(default_factory=list)
     # id -> (path, index, tensor): holding the tensor keeps its id from being reused
     producer: dict[int, tuple[str, int, torch.Tensor]] = field(default_factory=dict)
+    #: ids of tensors a loss module (`nn.modules.loss._Loss`: CrossEntropyLoss, MSELoss, ...) returned
+    from_loss_module: set[int] = field(default_factory=set)
 
     def pre(self, module: nn.Module, args: Any) -> None:
         self.stack.append(self.paths.get(id(module), type(module).__name__.lower()))
@@ -41,9 +43,12 @@ class ModuleWatch:
         path = self.stack.pop() if self.stack else ""
         if not path:
             return
+        is_loss = isinstance(module, nn.modules.loss._Loss)
         for index, value in enumerate(torch.utils._pytree.tree_leaves(output)):
             if isinstance(value, torch.Tensor):
                 self.producer.setdefault(id(value), (path, index, value))
+                if is_loss:
+                    self.from_loss_module.add(id(value))
 
     @property
     def current(self) -> str:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from sambaflow.errors import SambaTraceError
 from sambaflow.optim.base import SambaOptimizer, hyper_name, state_name
+from sambaflow.tensors.meta import on_host
 from sambaflow.tensors.model import buffer_name
 from sambaflow.trace.precision import check_preset
 
@@ -30,6 +32,9 @@ class StepPlan:
     graphamp: str = "mp0"
     states: list[tuple[str, torch.Tensor]] = field(default_factory=list)
     unused: set[str] = field(default_factory=set)
+    #: forward's keyword arguments when the app traced `forward(**inputs)`: the same structure with
+    #: each input tensor replaced by its `InputSlot` (tuples nest; Python constants stay as given)
+    keywords: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.owned = [[p.sn_name for p in opt.params] for opt in self.optimizers]
@@ -48,6 +53,10 @@ class StepPlan:
     def call_args(self, values: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, ...]:
         """forward's positional arguments: the named values, None where the app passed None."""
         return tuple(None if name is None else values[name] for name in self.slots)
+
+    def call_kwargs(self, values: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """forward's keyword arguments: each `InputSlot` replaced by its named value."""
+        return {key: _fill(template, values) for key, template in self.keywords.items()}
 
     def value_of(self, name: str) -> torch.Tensor | None:
         return self._values.get(name)
@@ -127,11 +136,90 @@ def make_plan(
     for path, buffer in model.named_buffers():
         name = buffer_name(path)
         paths[name] = path
-        buffers.append((name, buffer.detach()))
+        buffers.append((name, on_host(buffer.detach())))
     _check_optimizers(optimizers, params)
-    named, slots = _named_inputs(inputs)
+    keywords: dict[str, Any] = {}
+    if isinstance(inputs, Mapping):
+        named, slots, keywords = _keyword_inputs(model, inputs)
+    else:
+        named, slots = _named_inputs(inputs)
     preset = check_preset(graphamp)
-    return StepPlan(named, params, buffers, paths, list(optimizers), backward, slots, graphamp=preset)
+    plan = StepPlan(named, params, buffers, paths, list(optimizers), backward, slots, graphamp=preset)
+    plan.keywords = keywords
+    return plan
+
+
+@dataclass(frozen=True)
+class InputSlot:
+    """Where a named input tensor goes in forward's keyword arguments."""
+
+    name: str
+
+
+def _fill(template: Any, values: dict[str, torch.Tensor]) -> Any:
+    if isinstance(template, InputSlot):
+        return values[template.name]
+    if isinstance(template, (tuple, list)):
+        return type(template)(_fill(t, values) for t in template)
+    return template
+
+
+def takes_keywords(model: nn.Module, inputs: Any) -> bool:
+    """Whether `inputs` is a dict of forward's keyword arguments rather than `{graph name: inputs}`:
+    some key names a parameter of `model.forward` (or forward takes **kwargs and no value is a
+    tuple or list of inputs, which a graph's inputs would be)."""
+    if not isinstance(inputs, Mapping) or not inputs:
+        return False
+    params = inspect.signature(model.forward).parameters
+    if any(k in params for k in inputs):
+        return True
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return not any(isinstance(v, (tuple, list)) for v in inputs.values())
+    return False
+
+
+def _keyword_inputs(
+    model: nn.Module, inputs: Mapping[str, Any]
+) -> tuple[list[tuple[str, torch.Tensor]], list[str | None], dict[str, Any]]:
+    """`forward(**inputs)`: named tensors (also inside tuples) become inputs, the rest constants."""
+    params = inspect.signature(model.forward).parameters
+    unknown = [k for k in inputs if k not in params]
+    if unknown and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        params = list(params)
+        raise SambaTraceError(
+            f"inputs dict keys {unknown} are not parameters of {type(model).__name__}.forward "
+            f"({params}): a dict of inputs is traced as forward(**inputs)"
+        )
+    named: list[tuple[str, torch.Tensor]] = []
+    keywords = {key: _slot_tree(value, key, named) for key, value in inputs.items()}
+    return named, [], keywords
+
+
+def _slot_tree(value: Any, where: str, named: list[tuple[str, torch.Tensor]]) -> Any:
+    if isinstance(value, (tuple, list)):
+        return type(value)(_slot_tree(v, f"{where}[{i}]", named) for i, v in enumerate(value))
+    if isinstance(value, Mapping):
+        raise SambaTraceError(
+            f"input '{where}' is a dict: forward's keyword arguments may hold tensors, tuples or lists "
+            "of them and Python constants; pass its entries as separate arguments"
+        )
+    if not isinstance(value, torch.Tensor):
+        return value  # a Python constant (use_cache=True, return_dict=False): fixed in the graph
+    name = getattr(value, "sn_name", None)
+    if name is None:
+        raise SambaTraceError(
+            f"input '{where}' is a tensor with no name: make it with samba.from_torch_tensor(t, name=...)"
+        )
+    if any(n == name for n, _ in named):
+        raise SambaTraceError(f"two inputs are named '{name}' (at '{where}'): input names must be unique")
+    named.append((name, _plain_input(value)))
+    return InputSlot(name)
+
+
+def _plain_input(value: torch.Tensor) -> torch.Tensor:
+    plain = value.as_subclass(torch.Tensor).detach().contiguous().requires_grad_(value.requires_grad)
+    plain.batch_dim = getattr(value, "batch_dim", None)
+    return plain
 
 
 def _named_parameters(model: nn.Module) -> tuple[list[tuple[str, torch.Tensor]], dict[str, str]]:
@@ -143,7 +231,7 @@ def _named_parameters(model: nn.Module) -> tuple[list[tuple[str, torch.Tensor]],
                 "samba.from_torch_model_(model) before tracing (and before building the optimizer)."
             )
         paths[param.sn_name] = path
-        params.append((param.sn_name, param.torch().detach().requires_grad_(param.requires_grad)))
+        params.append((param.sn_name, on_host(param.torch().detach()).requires_grad_(param.requires_grad)))
     return params, paths
 
 
@@ -172,9 +260,7 @@ def _named_inputs(
             )
         if any(n == name for n, _ in named):
             raise SambaTraceError(f"two inputs are named '{name}': input names must be unique")
-        plain = value.as_subclass(torch.Tensor).detach().contiguous().requires_grad_(value.requires_grad)
-        plain.batch_dim = getattr(value, "batch_dim", None)
-        named.append((name, plain))
+        named.append((name, _plain_input(value)))
         slots.append(name)
     return named, slots
 

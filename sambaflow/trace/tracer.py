@@ -23,6 +23,7 @@ from torch.utils import _pytree as pytree
 from sambaflow.errors import SambaTraceError
 from sambaflow.optim.base import SambaOptimizer
 from sambaflow.trace.casts import IndexCasts, looks_compiled
+from sambaflow.trace.constants import RealConstants, prime_caches
 from sambaflow.trace.graph import (
     BUFFER,
     GRAD,
@@ -51,6 +52,8 @@ class ForwardProbe:
     outputs: list[torch.Tensor]
     output_names: list[str]
     dropout_sites: list[DropoutSite]
+    #: per output: whether a loss module (nn.CrossEntropyLoss, ...) returned it
+    from_loss_module: list[bool]
 
 
 def trace_step(
@@ -68,6 +71,8 @@ def trace_step(
     the optimizer update run outside it, as in eager autocast training.
     """
     plan = make_plan(model, inputs, optimizers, backward, graphamp)
+    if plan.keywords:  # forward(**inputs), as SambaNova's modelzoo traces: caches get real values first
+        _prime(model, plan)
     probe = _probe_forward(model, plan)
     loss_names = _loss_names(probe, loss_indices)
     specs = _input_specs(plan, probe, backward)
@@ -75,7 +80,9 @@ def trace_step(
     step = _step_function(model, plan, probe, specs, marks)
     examples = [_example(plan, spec) for spec in specs]
     try:
-        module = make_fx(step, tracing_mode="fake", record_stack_traces=records_sources())(*examples)
+        module = make_fx(
+            step, tracing_mode="fake", record_stack_traces=records_sources(), _allow_non_fake_inputs=True
+        )(*examples)
     except SambaTraceError:
         raise
     except Exception as exc:
@@ -90,18 +97,29 @@ def trace_step(
     return TracedGraph(module, specs, outputs, sections, loss_names, defaults, plan.baked(), precision)
 
 
+def _prime(model: nn.Module, plan: StepPlan) -> None:
+    """One real forward before the fake ones (trace/constants.py)."""
+    values = dict(plan.inputs)
+    try:
+        with _autocast(plan):
+            prime_caches(model, dict(plan.named_state()), plan.call_args(values), plan.call_kwargs(values))
+    except Exception as exc:
+        raise trace_error(exc, type(model).__name__) from None
+
+
 def _probe_forward(model: nn.Module, plan: StepPlan) -> ForwardProbe:
-    mode = FakeTensorMode()
+    mode = FakeTensorMode(allow_non_fake_inputs=True)  # real cached tensors become constants
     with mode:
         values = {n: mode.from_tensor(t).requires_grad_(t.requires_grad) for n, t in plan.named_state()}
         args = {n: mode.from_tensor(t).requires_grad_(t.requires_grad) for n, t in plan.inputs}
     try:
         with mode, library_calls(model, lambda s: s.p) as (watch, drop), _autocast(plan):
-            result = functional_call(model, values, plan.call_args(args))
+            result = functional_call(model, values, plan.call_args(args), plan.call_kwargs(args))
     except Exception as exc:
         raise trace_error(exc, type(model).__name__) from None
     outputs = _flatten_outputs(result, model)
-    return ForwardProbe(outputs, _output_names(outputs, watch, model), drop.sites)
+    losses = [id(v) in watch.from_loss_module for v in outputs]
+    return ForwardProbe(outputs, _output_names(outputs, watch, model), drop.sites, losses)
 
 
 def _flatten_outputs(result: Any, model: nn.Module) -> list[torch.Tensor]:
@@ -124,9 +142,11 @@ def _output_names(outputs: list[torch.Tensor], watch: Any, model: nn.Module) -> 
 
 
 def _loss_names(probe: ForwardProbe, loss_indices: Sequence[int] | None) -> list[str]:
-    if loss_indices is None:
+    if loss_indices is None:  # scalars, and what a loss module returned (reduction='none' too)
         return [
-            n for n, v in zip(probe.output_names, probe.outputs) if v.dim() == 0 and v.is_floating_point()
+            n
+            for n, v, from_loss in zip(probe.output_names, probe.outputs, probe.from_loss_module)
+            if v.is_floating_point() and (v.dim() == 0 or from_loss)
         ]
     bad = [i for i in loss_indices if not 0 <= i < len(probe.outputs)]
     if bad:
@@ -170,7 +190,8 @@ def _step_function(
         named = {spec.name: value for spec, value in zip(specs, flat)}
         state = {plan.paths[n]: named[n] for n, _ in plan.params + plan.buffers}
         with library_calls(model, lambda s: named[s.name]), _autocast(plan):
-            outputs = pytree.tree_leaves(functional_call(model, state, plan.call_args(named)))
+            result = functional_call(model, state, plan.call_args(named), plan.call_kwargs(named))
+            outputs = pytree.tree_leaves(result)
         marks.append(_node_count())
         if not plan.backward:
             return outputs
@@ -184,7 +205,7 @@ def library_calls(model: nn.Module, probability: Any) -> Iterator[tuple[ModuleWa
     """While the model runs under the tracer: module paths, dropout as inputs, index casts, and
     `torch.compiler.is_compiling()` True (libraries then take their traceable paths)."""
     with looks_compiled(), watching_modules(model) as watch, DropoutAsInput(watch, probability) as drop:
-        with IndexCasts():
+        with IndexCasts(), RealConstants():
             yield watch, drop
 
 

@@ -1,0 +1,1 @@
+"""`sambaflow.samba.functional`: SambaFlow's functional ops (`stir`: element-wise STIR ops)."""
