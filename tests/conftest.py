@@ -26,10 +26,13 @@ atexit.register(shutil.rmtree, os.environ["XDG_CONFIG_HOME"], ignore_errors=True
 def _fresh_session():
     """Each test starts with no graph loaded and a fixed seed."""
     from sambaflow import samba
+    from sambaflow.samba.directives import forget_fusion_scopes
 
     samba.session.reset()
     samba.session.clear_graphs()  # multigraph traces (trace_multigraph / add_graph) too
+    forget_fusion_scopes()  # op_fusion hints are process-wide: one test's would reach the next's log
     torch.manual_seed(0)
     yield
     samba.session.reset()
     samba.session.clear_graphs()
+    forget_fusion_scopes()

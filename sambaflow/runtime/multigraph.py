@@ -24,6 +24,7 @@ from torch import nn
 from sambaflow.errors import SambaRunError
 from sambaflow.passes.sections import FULL_STEP
 from sambaflow.runtime.executable import Executable
+from sambaflow.runtime.host_memory import device_tensor, runs_on_cpu
 from sambaflow.tensors.model import buffer_name
 from sambaflow.tensors.sambatensor import SambaTensor, named_view
 from sambaflow.trace.graph import BUFFER, INPUT, PARAM, TensorSpec
@@ -108,18 +109,16 @@ class MultigraphSession:
     ) -> None:
         """Make `graphs` the session's graphs: weights of their models on the device, every input
         region present (zeros until fed or written)."""
-        from sambaflow.runtime.session import _device_tensor, _runs_on_cpu  # the session module imports us
-
         self.reset()
         self.region_graphs = dict(graphs)
         first = next(iter(graphs.values()))
         self.executable = first.executable
-        shared = set() if _runs_on_cpu(first.executable.graph) else None
+        shared = set() if runs_on_cpu(first.executable.graph) else None
         for graph_name, graph in graphs.items():
             specs = {s.name: s for s in graph.executable.graph.inputs_with_role(PARAM, BUFFER)}
             for name, tensor in _weights(graph.model):
                 if name in specs and name not in self.store:
-                    self.store[name] = _device_tensor(tensor, specs[name], shared)
+                    self.store[name] = device_tensor(tensor, specs[name], shared)
             missing = [n for n in specs if n not in self.store]
             if missing:
                 raise SambaRunError(

@@ -23,6 +23,7 @@ from sambaflow.passes.sections import FULL_STEP, SAVED_PREFIX
 from sambaflow.runtime.directives import SessionDirectives
 from sambaflow.runtime.executable import Executable
 from sambaflow.runtime.feeds import check_seed, expand_hyperparams, match_inputs, resolve_sections
+from sambaflow.runtime.host_memory import device_tensor, runs_on_cpu, same_memory
 from sambaflow.runtime.index_check import explained_failures
 from sambaflow.runtime.multigraph import MultigraphSession
 from sambaflow.runtime.transfers import Transfers, check_has_values
@@ -186,14 +187,14 @@ class Session(SessionDirectives, MultigraphSession, Transfers):
         """Move host weights (and optimizer state and settings) into the device store.
 
         Where the device is the CPU, a parameter or buffer is stored as its own memory, not a
-        copy (`_device_tensor`): the programs then update the host tensor in place. Each call looks
+        copy (`device_tensor`): the programs then update the host tensor in place. Each call looks
         again, so a tensor the app rebound (`param.data = new`) is shared or copied anew."""
         graph = self._require_graph("to_rdu")
         specs = {s.name: s for s in graph.inputs_with_role(PARAM, BUFFER, STATE)}
-        shared = set() if _runs_on_cpu(graph) else None  # storages already in the store
+        shared = set() if runs_on_cpu(graph) else None  # storages already in the store
         for name, tensor in _host_tensors(model):
             if name in specs:
-                self.store[name] = _device_tensor(tensor, specs[name], shared)
+                self.store[name] = device_tensor(tensor, specs[name], shared)
         for opt in optimizers if optimizers is not None else self.optimizers:
             self._optimizer_to_rdu(opt, set(specs))
 
@@ -225,7 +226,7 @@ class Session(SessionDirectives, MultigraphSession, Transfers):
         with torch.no_grad():
             for name, tensor in _host_tensors(model):
                 stored = self.store.get(name)
-                if stored is not None and not _same_memory(stored, tensor):
+                if stored is not None and not same_memory(stored, tensor):
                     tensor.copy_(stored)
         if isinstance(optimizers, SambaOptimizer):
             optimizers = [optimizers]
@@ -485,57 +486,6 @@ def _host_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     tensors = [(p.sn_name, p) for p in model.parameters() if getattr(p, "sn_name", None)]
     tensors += [(buffer_name(path), b) for path, b in model.named_buffers()]
     return tensors
-
-
-def _runs_on_cpu(graph: Any) -> bool:
-    """Whether the graph's tensors live in host memory: the device is the CPU (the reference
-    backend, Inductor's C++), not a GPU. Traced placeholders carry a fake tensor; a graph read
-    from a PEF names the device."""
-    placeholders = [n for n in graph.module.graph.nodes if n.op == "placeholder"]
-    values = [n.meta.get("val") for n in placeholders]
-    devices = {n.meta.get("device") or v.device.type for n, v in zip(placeholders, values) if v is not None}
-    return devices <= {"cpu"}
-
-
-def _device_tensor(tensor: torch.Tensor, spec: TensorSpec, shared: set[int] | None) -> torch.Tensor:
-    """What the store holds for host tensor `tensor`: its own memory as a plain tensor (no
-    autograd, no subclass) where the device is the CPU and the programs can write into it in
-    place; else a copy, as a separate device's memory would be. `shared` (None off the CPU) holds
-    the storages stored so far: programs update each stored tensor in place, so two must never
-    share memory (tied weights are one parameter, so one entry)."""
-    plain = tensor.detach().as_subclass(torch.Tensor)
-    if shared is None or not _shareable(plain, spec):
-        return plain.clone()
-    storage = plain.untyped_storage().data_ptr()
-    if storage in shared:
-        return plain.clone()
-    shared.add(storage)
-    return plain
-
-
-def _shareable(tensor: torch.Tensor, spec: TensorSpec) -> bool:
-    """A dense host tensor of the graph's shape and dtype that in-place writes may change
-    (inference-mode tensors refuse them outside inference mode)."""
-    return (
-        tensor.device.type == "cpu"
-        and tensor.layout == torch.strided
-        and tensor.dtype == spec.dtype
-        and tuple(tensor.shape) == tuple(spec.shape)
-        and tensor.numel() > 0
-        and tensor.is_contiguous()
-        and not (tensor.is_inference() or tensor.is_conj() or tensor.is_neg())
-    )
-
-
-def _same_memory(stored: torch.Tensor, tensor: torch.Tensor) -> bool:
-    """Whether the store holds `tensor`'s own memory (so there is nothing to copy back)."""
-    return (
-        stored.data_ptr() == tensor.data_ptr()
-        and stored.device == tensor.device
-        and stored.dtype == tensor.dtype
-        and stored.shape == tensor.shape
-        and stored.stride() == tensor.stride()
-    )
 
 
 def _explicit_seeds(

@@ -105,6 +105,12 @@ def fusion_scopes() -> dict[str, dict[str, Any]]:
     return dict(_SCOPES)
 
 
+def forget_fusion_scopes() -> None:
+    """Forget the scopes entered so far: a process that compiles an unrelated model next (tests)
+    would otherwise see the first model's hints listed in the second one's compile log."""
+    _SCOPES.clear()
+
+
 def active_fusion_scopes() -> list[str]:
     """The `op_fusion` scopes open now, outermost first."""
     return list(_ACTIVE)
