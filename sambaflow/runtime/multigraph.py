@@ -24,7 +24,7 @@ from torch import nn
 from sambaflow.errors import SambaRunError
 from sambaflow.passes.sections import FULL_STEP
 from sambaflow.runtime.executable import Executable
-from sambaflow.runtime.host_memory import device_tensor, runs_on_cpu
+from sambaflow.runtime.store_placement import device_tensor, runs_on_cpu
 from sambaflow.tensors.model import buffer_name
 from sambaflow.tensors.sambatensor import SambaTensor, named_view
 from sambaflow.trace.graph import BUFFER, INPUT, PARAM, TensorSpec

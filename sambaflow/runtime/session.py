@@ -23,9 +23,9 @@ from sambaflow.passes.sections import FULL_STEP, SAVED_PREFIX
 from sambaflow.runtime.directives import SessionDirectives
 from sambaflow.runtime.executable import Executable
 from sambaflow.runtime.feeds import check_seed, expand_hyperparams, match_inputs, resolve_sections
-from sambaflow.runtime.host_memory import device_tensor, runs_on_cpu, same_memory
 from sambaflow.runtime.index_check import explained_failures
 from sambaflow.runtime.multigraph import MultigraphSession
+from sambaflow.runtime.store_placement import device_tensor, runs_on_cpu, same_memory
 from sambaflow.runtime.transfers import Transfers, check_has_values
 from sambaflow.tensors.current import set_current_session
 from sambaflow.tensors.model import buffer_name
