@@ -42,6 +42,7 @@ suggests it when one of them changes the value of the first node that differs fr
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 from torch import fx
@@ -107,11 +108,7 @@ def explicit_alpha(graph: fx.Graph) -> None:
 def fast_tanh(graph: fx.Graph) -> None:
     for node in list(graph.nodes):
         if node.op == "call_function" and node.target is aten.tanh.default and _is_float32(node):
-            with graph.inserting_before(node):
-                replacement = _tanh_nodes(graph, node.args[0])
-            replacement.meta = dict(node.meta)
-            node.replace_all_uses_with(replacement)
-            graph.erase_node(node)
+            _replace(graph, node, _tanh_nodes, node.args[0])
 
 
 def _is_float32(node: fx.Node) -> bool:
@@ -141,15 +138,16 @@ def nll_softmax_backward(graph: fx.Graph) -> None:
     for node in list(graph.nodes):
         one_hot = _nll_gradient_of(node)
         if one_hot is not None:
-            with graph.inserting_before(node):
-                row_sums = _nll_row_sums(graph, one_hot)
-                scaled = graph.call_function(
-                    aten.mul.Tensor, (graph.call_function(aten.exp.default, (node.args[1],)), row_sums)
-                )
-                replacement = graph.call_function(aten.sub.Tensor, (one_hot, scaled))
-            replacement.meta = dict(node.meta)
-            node.replace_all_uses_with(replacement)
-            graph.erase_node(node)
+            _replace(graph, node, _nll_gradient_nodes, node, one_hot)
+
+
+def _nll_gradient_nodes(graph: fx.Graph, node: fx.Node, one_hot: fx.Node) -> fx.Node:
+    """`one_hot - exp(log_probs) * row_sums`: the log-softmax gradient of an NLL loss."""
+    row_sums = _nll_row_sums(graph, one_hot)
+    scaled = graph.call_function(
+        aten.mul.Tensor, (graph.call_function(aten.exp.default, (node.args[1],)), row_sums)
+    )
+    return graph.call_function(aten.sub.Tensor, (one_hot, scaled))
 
 
 def _nll_gradient_of(node: fx.Node) -> fx.Node | None:
@@ -212,12 +210,7 @@ def bf16_vector_matmul(graph: fx.Graph) -> None:
         operands = _bf16_row_times_transposed(node)
         if operands is None:
             continue
-        row, matrix, bias = operands
-        with graph.inserting_before(node):
-            replacement = _reduction_nodes(graph, row, matrix, bias)
-        replacement.meta = dict(node.meta)
-        node.replace_all_uses_with(replacement)
-        graph.erase_node(node)
+        _replace(graph, node, _reduction_nodes, *operands)
 
 
 def _bf16_row_times_transposed(node: fx.Node) -> tuple[fx.Node, fx.Node, object] | None:
@@ -250,6 +243,16 @@ def _reduction_nodes(graph: fx.Graph, row: fx.Node, matrix: fx.Node, bias: objec
     narrow = op(aten._to_copy.default, total)
     narrow.kwargs = {"dtype": torch.bfloat16}
     return narrow
+
+
+def _replace(graph: fx.Graph, node: fx.Node, build: Callable[..., fx.Node], *args: object) -> None:
+    """Put the nodes `build(graph, *args)` makes before `node`, in its place (with its metadata),
+    and drop `node`."""
+    with graph.inserting_before(node):
+        replacement = build(graph, *args)
+    replacement.meta = dict(node.meta)
+    node.replace_all_uses_with(replacement)
+    graph.erase_node(node)
 
 
 def _is_one_element(node: fx.Node) -> bool:
