@@ -128,7 +128,8 @@ def _compiled(
     graph = trace_microbatched(model, inputs, optimizers, microbatch_size, log.note, loss_indices, graphamp)
     executable = Executable.build(graph, backend, split_at_gradients=split_at_gradients)
     if optimizers:
-        peak = peak_computed_bytes(executable.programs["step"].module) / 2**20
+        fused = bool(getattr(backend, "fuses_elementwise", False))
+        peak = peak_computed_bytes(executable.programs["step"].module, fused=fused) / 2**20
         log.note(f"the step's computed tensors peak at about {peak:.1f} MiB (graph estimate; -mb lowers it)")
     log.note(
         f"compiling {len(executable.programs)} programs ({', '.join(executable.programs)}) "

@@ -122,6 +122,7 @@ class InductorBackend:
 
     name = "inductor"
     device = "cpu"  # sambaflow traces and stores tensors on the CPU today
+    fuses_elementwise = True  # memory estimates (passes/memory.py): elementwise chains are not stored
 
     def __init__(
         self, cache_dir: str | Path | None = None, *, use_cache: bool = True, mode: str = "aot"
