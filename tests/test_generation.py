@@ -16,17 +16,25 @@ import torch
 from test_report import find, report, text
 
 from sambaflow import samba
+from sambaflow.backends.rewrites import VECTOR_MATMUL_DTYPES, rewrite_for_inductor
 from sambaflow.errors import SambaRunError, SambaTraceError
+from sambaflow.models.kv_cache import _STREAMED_DTYPES
+from sambaflow.passes.sections import full_step_program
 from sambaflow.pef.file import PefFile
 from sambaflow.samba import utils
 from sambaflow.samba.generation import CachedGenerator, KVCacheLM, Sampling, cached_graph_inputs
+from sambaflow.trace.tracer import trace_step
 
 transformers = pytest.importorskip("transformers")
 
 VOCAB, MAX_LEN, PROMPT_LEN, NEW = 128, 40, 16, 18
 
 
-def tiny_lm(kind: str, seed: int = 0) -> torch.nn.Module:
+def tiny_lm(kind: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    return _tiny_lm(kind, seed).to(dtype)
+
+
+def _tiny_lm(kind: str, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
     common |= dict(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
@@ -186,11 +194,16 @@ def test_generation_pef_holds_prompt_and_token_graphs(tmp_path):
 
 
 @pytest.mark.slow
-def test_inductor_pef_generates_hugging_face_tokens(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("kind", "dtype", "batch"), [("llama", torch.float32, 2), ("gpt2", torch.float32, 1), ("gpt2", torch.bfloat16, 1)]
+)
+def test_inductor_pef_generates_hugging_face_tokens(tmp_path, monkeypatch, kind, dtype, batch):
+    """fp32 Llama, two sequences; GPT-2 at batch 1, whose token program multiplies one row by
+    column-major Conv1D weights (the vector_matmul rewrite), fp32 and bf16."""
     monkeypatch.setenv("SAMBAFLOW_BACKEND", "inductor")
-    lm = tiny_lm("llama")
+    lm = tiny_lm(kind, dtype=dtype)
     gold = copy.deepcopy(lm)
-    cached = KVCacheLM(lm, 2, MAX_LEN)
+    cached = KVCacheLM(lm, batch, MAX_LEN)
     samba.from_torch_model_(cached)
     config = {"output_folder": str(tmp_path), "pef_name": "gen"}
     path = samba.session.compile(cached, cached_graph_inputs(cached, PROMPT_LEN), None, config_dict=config)
@@ -198,7 +211,38 @@ def test_inductor_pef_generates_hugging_face_tokens(tmp_path, monkeypatch):
     utils.trace_graph(cached, cached_graph_inputs(cached, PROMPT_LEN), pef=path)
     store = samba.session.store
     before = store["key_cache_0"].data_ptr()
-    given = prompts(2)
+    given = prompts(batch)
     assert CachedGenerator(cached).generate(given, NEW) == [hf_greedy(gold, p) for p in given]
     assert store["key_cache_0"].data_ptr() == before  # the cache is written in place
     assert store["key_cache_0"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_conv1d_weights_turn_column_major_for_the_token_products(dtype):
+    """KVCacheLM stores GPT-2's `[in, out]` Conv1D weights column-major (same values), so every
+    one-row product of the token program takes the rewrite's streamed form."""
+    assert _STREAMED_DTYPES == VECTOR_MATMUL_DTYPES
+    lm = tiny_lm("gpt2", dtype=dtype)
+    gold = copy.deepcopy(lm)
+    cached = KVCacheLM(lm, 1, MAX_LEN)
+    conv = [m for m in lm.modules() if isinstance(m, transformers.pytorch_utils.Conv1D)]
+    assert len(conv) == 8
+    for module in conv:
+        rows = module.weight.shape[0]
+        assert module.weight.stride() == (1, rows)
+    assert all(torch.equal(a, b) for a, b in zip(gold.state_dict().values(), lm.state_dict().values()))
+    samba.from_torch_model_(cached)
+    token = trace_step(cached, cached_graph_inputs(cached, PROMPT_LEN)["token"], [], backward=False)
+    module = rewrite_for_inductor(full_step_program(token).module)
+    products = [
+        n for n in module.graph.nodes if n.target in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+    ]
+    assert not products, [n.format_node() for n in products]
+
+
+def test_conv1d_weights_of_other_dtypes_keep_their_layout():
+    half = tiny_lm("gpt2", dtype=torch.float16)
+    KVCacheLM(half, 1, MAX_LEN)
+    assert all(
+        m.weight.is_contiguous() for m in half.modules() if isinstance(m, transformers.pytorch_utils.Conv1D)
+    )

@@ -338,15 +338,17 @@ def test_in_place_step_writes_back_an_input_with_other_strides(graph, step, in_p
 # --- the rewrites: the alpha trap (issue 4), tanh, batch sums ------------------------------------------------
 def _rewrite_forms(a, b, p, a2, b2, p2, c, x, rows, row, weight, bias):
     batch_sums = (rows * 2).sum(0), rows.sum(0, keepdim=True)  # split into row blocks by Inductor's pass
-    bf16 = (
+    one_row = (
         torch.mm(row, weight.t()),
         torch.addmm(bias, row, weight.t()),
         torch.mm(row.expand(2, -1), weight.t()),
+        torch.addmm(bias.float(), row.float(), weight.float().t()),
     )
-    return torch.mm(a, b).add(p, alpha=1e-4), torch.mm(a2, b2) + c * p2, torch.tanh(x), *batch_sums, *bf16
+    return torch.mm(a, b).add(p, alpha=1e-4), torch.mm(a2, b2) + c * p2, torch.tanh(x), *batch_sums, *one_row
 
 
 RESULTS = ["alpha_form", "scaled", "tanh", "sum0", "sum0_keepdim", "bf16_mm", "bf16_addmm", "bf16_two_rows"]
+RESULTS += ["fp32_addmm"]
 
 
 @pytest.fixture(scope="module")
@@ -372,23 +374,26 @@ def rewrites_case():
     return program, args, expected
 
 
-def test_bf16_vector_matmul_rewrites_only_one_row_times_transposed_weight(rewrites_case):
+def test_vector_matmul_rewrites_only_one_row_times_transposed_weight(rewrites_case):
     program, args, _ = rewrites_case
     module = copy.deepcopy(program.module)
     products = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
     before = sum(n.target in products for n in module.graph.nodes)
     rewrite_for_inductor(module)
-    assert sum(n.target in products for n in module.graph.nodes) == before - 2  # not the two-row mm
-    _check_bf16_products(module(*args)[-3:], args)
+    assert sum(n.target in products for n in module.graph.nodes) == before - 3  # not the two-row mm
+    _check_one_row_products(module(*args)[-4:], args)
 
 
-def _check_bf16_products(results, args):
-    """Each product as float32 math rounded once to bfloat16: within one bf16 ulp (2^-8 relative)."""
+def _check_one_row_products(results, args):
+    """Each bf16 product as float32 math rounded once to bfloat16: within one bf16 ulp (2^-8
+    relative); the float32 one to float32 rounding (its sum runs in another order than MKL's)."""
     row, weight, bias = (t.float() for t in args[-3:])
-    exact = row @ weight.t()
-    for got, want in zip(results, (exact, exact + bias, exact.expand(2, -1))):
+    exact = row.double() @ weight.double().t()
+    for got, want in zip(results[:3], (exact, exact + bias, exact.expand(2, -1))):
         assert got.dtype == torch.bfloat16
-        torch.testing.assert_close(got.float(), want, rtol=2**-8, atol=1e-6)
+        torch.testing.assert_close(got.float(), want.float(), rtol=2**-8, atol=1e-6)
+    assert results[3].dtype == torch.float32
+    torch.testing.assert_close(results[3].double(), exact + bias.double(), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["aot", "jit"])
@@ -398,16 +403,16 @@ def test_compiled_rewrites_keep_alpha_tanh_and_batch_sums(rewrites_case, tmp_pat
     exact to float32 rounding, once Inductor compiled them."""
     program, args, expected = rewrites_case
     cache = tmp_path_factory.mktemp(f"rewrites-{mode}")
-    alpha_form, scaled, tanh, sum0, sum0_keepdim, *bf16 = InductorBackend(cache_dir=cache, mode=mode).compile(
-        program
-    )(args)
+    alpha_form, scaled, tanh, sum0, sum0_keepdim, *one_row = InductorBackend(
+        cache_dir=cache, mode=mode
+    ).compile(program)(args)
     torch.testing.assert_close(scaled, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(alpha_form, expected, rtol=1e-5, atol=1e-5)
     check_tanh(tanh, args[7])
     rows = args[8].double()
     torch.testing.assert_close(sum0.double(), 2 * rows.sum(0), rtol=1e-6, atol=0)
     torch.testing.assert_close(sum0_keepdim.double(), rows.sum(0, keepdim=True), rtol=1e-6, atol=0)
-    _check_bf16_products(bf16, args)
+    _check_one_row_products(one_row, args)
 
 
 @pytest.mark.xfail(

@@ -27,7 +27,9 @@ WIDTH, BATCH = 256, 2
 def wide_mlp_step():
     """An AdamW step, clipped to a global norm, where the weights outweigh the activations."""
     torch.manual_seed(0)
-    model = samba.from_torch_model_(nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.Tanh(), nn.Linear(WIDTH, WIDTH)))
+    model = samba.from_torch_model_(
+        nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.Tanh(), nn.Linear(WIDTH, WIDTH))
+    )
     x = samba.randn(BATCH, WIDTH, name="x", batch_dim=0)
     optim = samba.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.01, max_grad_norm=1.0)
     graph = trace_step(model, (x,), [optim])

@@ -25,15 +25,19 @@ Each one works around what Inductor (torch 2.13, CPU) does with a plain ATen op:
   store it (its lowering materialises its input), so it is computed once; the cheap arithmetic
   after it stays inline (storing whole chains, down to `lr / bias1`, moved Inductor's schedule so
   that the GPT-2 small step held 150 MB more at its peak).
-- `bf16_vector_matmul`: a bfloat16 `mm`/`addmm` of one row by a transposed weight (`x @ w.t()`,
-  the token program of cached generation at batch 1) goes to oneDNN, whose one-row bf16 product
-  was no faster than the float32 one here (avx512_bf16 and AMX present), so bf16 weights, half
-  the bytes to read, bought nothing.
-  Written as `(x[:, :, None].float() * w.t()[None].float()).sum(1)`, Inductor streams the bf16
-  weight rows once, accumulating in float32 as oneDNN does: 1.2x (768 x 50257) to 1.75x
-  (3072 x 768) faster, measured one thread each, interleaved. Only the one-row form with the
-  reduction along the weight's contiguous rows is rewritten: GPT-2's `[K, N]` Conv1D weights and
-  more rows than one were slower that way.
+- `vector_matmul`: an `mm`/`addmm` of one row by a transposed weight (`x @ w.t()`, the token
+  program of cached generation at batch 1), in bfloat16 or float32. ATen sends it to oneDNN or
+  MKL, which read the weight well below the memory bandwidth for one row: in bf16 no faster than
+  fp32 (Intel, avx512_bf16 and AMX), so bf16 weights, half the bytes, bought nothing; in fp32 on
+  an AMD EPYC, GPT-2's 50257 x 768 LM head at 13 GB/s of a measured 30.
+  Written as `(x[:, :, None].float() * w.t()[None].float()).sum(1)`, Inductor streams the weight
+  rows once, accumulating in float32 as oneDNN does: bf16 1.2x (768 x 50257) to 1.75x (3072 x
+  768) faster (Intel), fp32 the LM head 2x (AMD), each measured one thread, interleaved. Only the
+  one-row form with the reduction along the weight's contiguous rows is rewritten: GPT-2's
+  `[K, N]` Conv1D weights and more rows than one were slower that way (`KVCacheLM` stores Conv1D
+  weights column-major, models/kv_cache.py, so their one-row products take this form too).
+  GPT-2-small-like generation with both: fp32 1.20x -> 1.77x HF eager's tokens/s, bf16
+  1.17x -> 1.64x (AMD; benchmarks/RESULTS.md).
 
 `SAMBAFLOW_REWRITES_OFF=fast_tanh,...` leaves rewrites out (the compile cache keys on it): `test`
 suggests it when one of them changes the value of the first node that differs from PyTorch.
@@ -56,13 +60,16 @@ TANH_TAYLOR_BELOW = 0.125
 _TANH_TAYLOR = (1.0, -1.0 / 3.0, 2.0 / 15.0, -17.0 / 315.0)  # coefficients of x, x^3, x^5, x^7
 
 
+#: the dtypes `vector_matmul` rewrites (models/kv_cache.py lays out GPT-2's weights for it in these)
+VECTOR_MATMUL_DTYPES = (torch.bfloat16, torch.float32)
+
 #: the rewrites, in the order they apply (by name: `test` tries each one alone, app/bisect.py)
 REWRITES = (
     "explicit_alpha",
     "fast_tanh",
     "nll_softmax_backward",
     "scalars_computed_once",
-    "bf16_vector_matmul",
+    "vector_matmul",
 )
 #: names of rewrites to leave out, comma-separated (to rule one out when a compiled program is wrong)
 REWRITES_OFF_VARIABLE = "SAMBAFLOW_REWRITES_OFF"
@@ -205,15 +212,15 @@ def scalars_computed_once(graph: fx.Graph) -> None:
                 user.replace_input_with(node, stored)
 
 
-def bf16_vector_matmul(graph: fx.Graph) -> None:
+def vector_matmul(graph: fx.Graph) -> None:
     for node in list(graph.nodes):
-        operands = _bf16_row_times_transposed(node)
+        operands = _row_times_transposed(node)
         if operands is None:
             continue
         _replace(graph, node, _reduction_nodes, *operands)
 
 
-def _bf16_row_times_transposed(node: fx.Node) -> tuple[fx.Node, fx.Node, object] | None:
+def _row_times_transposed(node: fx.Node) -> tuple[fx.Node, fx.Node, object] | None:
     """(row, matrix, bias) of `mm(row, matrix)` / `addmm(bias, row, matrix)` worth rewriting."""
     if node.op != "call_function" or node.target not in (aten.mm.default, aten.addmm.default):
         return None
@@ -221,7 +228,7 @@ def _bf16_row_times_transposed(node: fx.Node) -> tuple[fx.Node, fx.Node, object]
         return None  # beta/alpha given: leave it to ATen
     bias, row, matrix = node.args if node.target is aten.addmm.default else (None, *node.args)
     values = [_value(n) for n in (node, row, matrix)]
-    if any(v is None for v in values) or any(v.dtype != torch.bfloat16 for v in values):
+    if any(v is None for v in values) or any(v.dtype not in VECTOR_MATMUL_DTYPES for v in values):
         return None
     row_value, matrix_value = values[1], values[2]
     if row_value.device.type != "cpu" or row_value.shape[0] != 1 or matrix_value.stride(0) != 1:
@@ -233,15 +240,22 @@ def _reduction_nodes(graph: fx.Graph, row: fx.Node, matrix: fx.Node, bias: objec
     def op(target, *args):
         return graph.call_function(target, args)
 
-    wide_row = op(aten._to_copy.default, op(aten.unsqueeze.default, row, 2))
-    wide_row.kwargs = {"dtype": torch.float32}
-    wide_matrix = op(aten._to_copy.default, op(aten.unsqueeze.default, matrix, 0))
-    wide_matrix.kwargs = {"dtype": torch.float32}
+    def float32(node: fx.Node) -> fx.Node:
+        if _value(row).dtype == torch.float32:
+            return node
+        wide = op(aten._to_copy.default, node)
+        wide.kwargs = {"dtype": torch.float32}
+        return wide
+
+    wide_row = float32(op(aten.unsqueeze.default, row, 2))
+    wide_matrix = float32(op(aten.unsqueeze.default, matrix, 0))
     total = op(aten.sum.dim_IntList, op(aten.mul.Tensor, wide_row, wide_matrix), [1])
     if bias is not None:
         total = op(aten.add.Tensor, total, bias)
+    if _value(row).dtype == torch.float32:
+        return total
     narrow = op(aten._to_copy.default, total)
-    narrow.kwargs = {"dtype": torch.bfloat16}
+    narrow.kwargs = {"dtype": _value(row).dtype}
     return narrow
 
 
