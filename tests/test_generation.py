@@ -195,7 +195,8 @@ def test_generation_pef_holds_prompt_and_token_graphs(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("kind", "dtype", "batch"), [("llama", torch.float32, 2), ("gpt2", torch.float32, 1), ("gpt2", torch.bfloat16, 1)]
+    ("kind", "dtype", "batch"),
+    [("llama", torch.float32, 2), ("gpt2", torch.float32, 1), ("gpt2", torch.bfloat16, 1)],
 )
 def test_inductor_pef_generates_hugging_face_tokens(tmp_path, monkeypatch, kind, dtype, batch):
     """fp32 Llama, two sequences; GPT-2 at batch 1, whose token program multiplies one row by

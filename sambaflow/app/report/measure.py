@@ -108,12 +108,18 @@ def _measurement(
         medians,
         matmul_flops(step),
         gemm_rate(),
-        peak_computed_bytes(step),
+        peak_computed_bytes(step, fused=_fuses(pef)),
         peak,
         tokens,
         unit,
         torch.get_num_threads(),
     )
+
+
+def _fuses(pef: PefFile) -> bool:
+    """Whether the PEF's programs were compiled by a backend that fuses elementwise chains
+    (Inductor), so the memory estimate counts them as it runs them (passes/memory.py)."""
+    return pef.manifest.get("target", {}).get("backend", "reference") == "inductor"
 
 
 def _kind(pef: PefFile) -> str:

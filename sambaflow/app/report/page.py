@@ -273,8 +273,9 @@ def _measured(m: Measurement | None) -> str:
 def _peak(m: Measurement) -> str:
     estimate = ("graph estimate", m.estimate_bytes / 2**20)
     note = (
-        "<p class=muted>estimate: the computed tensors alive at once in program order (views counted "
-        "as copies: an upper bound); measured: how far one step raised the process's resident "
+        "<p class=muted>estimate: the computed tensors alive at once in program order (for an inductor "
+        "PEF, elementwise chains fused into their users' kernels, as Inductor runs them); measured: "
+        "how far one step raised the process's resident "
         "memory (high-water mark, after the memory pool and the C heap gave their free memory back)</p>"
     )
     if m.peak_bytes is None:
