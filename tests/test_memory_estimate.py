@@ -14,8 +14,9 @@ from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from sambaflow import samba
-from sambaflow.backends.inductor import compiling
+from sambaflow.backends.inductor import available, compiling
 from sambaflow.errors import SambaArgumentError
+from sambaflow.host_memory import gib
 from sambaflow.passes.memory import peak_computed_bytes
 from sambaflow.passes.sections import SectionProgram
 from sambaflow.runtime.executable import programs_of
@@ -109,3 +110,21 @@ def test_fit_check_refuses_op_by_op_and_names_inductor(monkeypatch):
     optim = samba.optim.AdamW(model.parameters(), lr=0.01)
     with pytest.raises(SambaArgumentError, match="one step .* needs .* the inductor backend, which writes"):
         samba.utils.trace_graph(model, (x,), [optim], backend="reference")
+
+
+@pytest.mark.skipif(not available()[0], reason=f"inductor unavailable: {available()[1]}")
+def test_fit_check_counts_the_optimizer_state_the_store_allocates(monkeypatch):
+    """AdamW's two moments are allocated by the device store after the check: they count, and the
+    message says how much of the need they are."""
+    monkeypatch.setenv("SAMBAFLOW_MEMORY_LIMIT", "10K")
+    samba.session.reset()
+    model = samba.from_torch_model_(nn.Linear(1024, 1024, bias=False))
+    x = samba.randn(1, 1024, name="x", batch_dim=0)
+    optim = samba.optim.AdamW(model.parameters(), lr=0.01)
+    moments = 2 * 1024 * 1024 * 4
+    stored = gib(moments + 4 + 1024 * 4)  # and the 0-d step count, and the input buffer
+    with pytest.raises(SambaArgumentError) as refused:
+        samba.utils.trace_graph(model, (x,), [optim], backend="inductor")
+    message = str(refused.value)
+    assert f"and {stored} of optimizer state and inputs the device store allocates" in message
+    assert "the stored state is most of it" in message

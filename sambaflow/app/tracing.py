@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 from typing import Any, Mapping, Sequence
@@ -17,7 +18,7 @@ from sambaflow.app.precision import preset_for_run, requested_preset
 from sambaflow.backends.counters import debug_level
 from sambaflow.backends.registry import get_backend
 from sambaflow.errors import SambaPefError, SambaTraceError
-from sambaflow.host_memory import check_fits
+from sambaflow.host_memory import check_fits, gib
 from sambaflow.optim.base import SambaOptimizer
 from sambaflow.passes.memory import peak_computed_bytes
 from sambaflow.pef.check import check_matches, check_precision
@@ -28,7 +29,7 @@ from sambaflow.pef.sign import TRUST_NOTE, key_path, load_key, user_key
 from sambaflow.runtime.executable import Executable
 from sambaflow.runtime.session import session
 from sambaflow.tensors.sambatensor import SambaTensor
-from sambaflow.trace.graph import TracedGraph
+from sambaflow.trace.graph import INPUT, STATE, TensorSpec, TracedGraph
 from sambaflow.trace.plan import takes_keywords
 from sambaflow.trace.tracer import trace_step
 
@@ -156,23 +157,34 @@ def _trace_named_graphs(
 
 
 def check_step_fits(executable: Executable) -> None:
-    """Refuse, before the first step, a step whose computed tensors cannot fit in host memory (a
-    graph estimate, passes/memory.py), instead of an allocation failure or the OOM killer mid-step."""
+    """Refuse, before the first step, a step that cannot fit in host memory: its computed tensors
+    at their peak (a graph estimate, passes/memory.py) and what the device store is still to
+    allocate (optimizer state, input buffers; the weights are the host model's, already held),
+    instead of an allocation failure or the OOM killer mid-step."""
     step = executable.programs.get("step")
     on_host = str(getattr(executable.backend, "device", "cpu")).startswith("cpu")
     if step is None or not on_host:
         return
     fused = bool(getattr(executable.backend, "fuses_elementwise", False))
+    computed = peak_computed_bytes(step.module, fused=fused)
+    stored = sum(_spec_bytes(s) for s in executable.graph.inputs_with_role(STATE, INPUT))
     advice = "use a smaller batch (-b), or compile with micro-batches (-mb) of a size that fits"
     if not fused:
         # op by op, every new weight and optimizer moment is a tensor until the step ends; Inductor
         # writes them into the stored ones (1.1 B-parameter AdamW step: 17.1 against 4.1 GiB estimated)
         advice += "; or use the inductor backend, which writes the optimizer's updates in place"
+    if stored > computed:
+        advice += " (the stored state is most of it: a smaller batch cannot help much; free memory)"
     check_fits(
-        peak_computed_bytes(step.module, fused=fused),
-        "one step (its computed tensors at their peak, estimated from the graph)",
+        computed + stored,
+        f"one step ({gib(computed)} of computed tensors at their peak, estimated from the graph, "
+        f"and {gib(stored)} of optimizer state and inputs the device store allocates)",
         advice,
     )
+
+
+def _spec_bytes(spec: TensorSpec) -> int:
+    return math.prod(spec.shape) * spec.dtype.itemsize
 
 
 def splits_at_gradients(settings: dict[str, Any]) -> bool:
