@@ -200,7 +200,9 @@ def test_ffn_app_bad_paths_and_checkpoints_end_in_one_line(ffn_pef, tmp_path):
     one_error_line(
         cases["huge batch"], "tensor 'image' of shape [50000000, 784] float32 needs 146.0 GiB", "-mb"
     )
-    one_error_line(cases["huge step"], "MiB of computed tensors at their peak", "optimizer state", "-b", "-mb")
+    one_error_line(
+        cases["huge step"], "MiB of computed tensors at their peak", "optimizer state", "-b", "-mb"
+    )
 
 
 def test_ffn_app_compile_into_a_read_only_folder_says_so_before_compiling(read_only):
