@@ -170,3 +170,30 @@ def test_loss_indices_choose_the_loss():
     assert graph.loss_names == ["gemm3__outputs__0"]
     with pytest.raises(SambaTraceError, match="out of range"):
         trace_step(model, inputs, [samba.optim.SGD(model.parameters(), lr=0.1)], loss_indices=[5])
+
+
+class KeepsATable(nn.Module):
+    """Builds a table on its first call and keeps it: made while tracing, it is a fake tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.tables: dict[int, torch.Tensor] = {}
+
+    def forward(self, x):
+        if x.shape[-1] not in self.tables:
+            self.tables[x.shape[-1]] = torch.arange(4.0) * 2
+        return self.lin(x) + self.tables[x.shape[-1]]
+
+
+def test_a_tensor_kept_from_an_earlier_fake_pass_is_named_at_trace_time():
+    model = samba.from_torch_model_(KeepsATable())
+    x = samba.randn(2, 4, name="x", batch_dim=0)
+    with pytest.raises(
+        SambaTraceError, match=r"forward\(\) reads KeepsATable.tables\[4\], which it made during"
+    ):
+        trace_step(model, (x,), [], backward=False)
+    model.tables.clear()
+    model.tables[4] = torch.arange(4.0) * 2  # made outside the trace: a real constant, fine
+    graph = trace_step(model, (x,), [], backward=False)
+    assert any(n.op == "get_attr" for n in graph.module.graph.nodes)

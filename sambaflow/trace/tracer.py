@@ -15,7 +15,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 from torch import fx, nn
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.func import functional_call
 from torch.fx.experimental.proxy_tensor import get_proxy_mode, make_fx
 from torch.utils import _pytree as pytree
@@ -87,6 +87,7 @@ def trace_step(
         raise
     except Exception as exc:
         raise trace_error(exc, type(model).__name__) from None
+    _refuse_fake_constants(module, model)
     outputs = _output_specs(plan, probe, module)
     sections = _tag_sections(module, marks, plan)
     _drop_detaches(module.graph)
@@ -95,6 +96,32 @@ def trace_step(
     defaults = {s.name: s.p for s in probe.dropout_sites} | plan.hyper_defaults()
     precision = precision_name(plan.graphamp, [t for _, t in plan.params], [t for _, t in plan.inputs])
     return TracedGraph(module, specs, outputs, sections, loss_names, defaults, plan.baked(), precision)
+
+
+def _refuse_fake_constants(module: fx.GraphModule, model: nn.Module) -> None:
+    """A constant of the graph that holds no data: the model made a tensor during an earlier fake
+    pass and kept it (a cache set in forward()). Named here, not later where it is used or stored."""
+    for node in module.graph.nodes:
+        value = getattr(module, node.target, None) if node.op == "get_attr" else None
+        if isinstance(value, FakeTensor):
+            where = _attribute_holding(model, value) or f"a tensor of shape {list(value.shape)}"
+            raise SambaTraceError(
+                f"{type(model).__name__}: forward() reads {where}, which it made during an earlier "
+                "pass of this trace and kept between calls (a cache set in forward()): sambaflow "
+                "traces with fake tensors, so it holds no data. Make it when the model is built "
+                "(in __init__, e.g. as a buffer), or compute it in forward() on every call"
+            )
+
+
+def _attribute_holding(model: nn.Module, value: torch.Tensor) -> str | None:
+    """`Class.attribute` (or `Class.attribute[key]`) of the module that keeps `value`."""
+    for module in model.modules():
+        for name, held in vars(module).items():
+            entries = held.items() if isinstance(held, dict) else [(None, held)]
+            for key, item in entries:
+                if item is value:
+                    return f"{type(module).__name__}.{name}" + (f"[{key!r}]" if key is not None else "")
+    return None
 
 
 def _prime(model: nn.Module, plan: StepPlan) -> None:
