@@ -473,6 +473,12 @@ def test_fusion_heuristics_and_plugins_join_the_no_effect_line(tmp_path):
     log = open(path.removesuffix(".pef") + ".compile.log").read()
     (line,) = [line for line in log.splitlines() if "no effect here" in line]
     assert "kTestHeuristic" in line and "libTest.so" in line
+    # an unrelated model compiled next in this process: its log lists none of the first's hints
+    plain = nn.Linear(WIDTH, 1)
+    samba.from_torch_model_(plain)
+    path = samba.session.compile(plain, [x], None, name="plain", config_dict={"output_folder": str(tmp_path)})
+    log = open(path.removesuffix(".pef") + ".compile.log").read()
+    assert "kTestHeuristic" not in log and "libTest.so" not in log
 
 
 def test_a_cached_value_that_changed_since_compile_is_refused(meta_pef):

@@ -201,6 +201,9 @@ class CompileLog:
     """Progress on the console and the same lines, plus a report, in `<pef dir>/<name>.compile.log`."""
 
     def __init__(self, pef_path: str) -> None:
+        from sambaflow.samba.directives import forget_fusion_scopes
+
+        forget_fusion_scopes()  # the log lists the op_fusion hints this compile's traces enter
         self.path = os.path.splitext(pef_path)[0] + ".compile.log"
         self.lines: list[str] = []
         self.started = time.perf_counter()

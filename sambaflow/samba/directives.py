@@ -106,9 +106,11 @@ def fusion_scopes() -> dict[str, dict[str, Any]]:
 
 
 def forget_fusion_scopes() -> None:
-    """Forget the scopes entered so far: a process that compiles an unrelated model next (tests)
-    would otherwise see the first model's hints listed in the second one's compile log."""
-    _SCOPES.clear()
+    """Forget the scopes entered so far, but those open now. Each compile starts with it
+    (app/compile.py), so a process that compiles two unrelated models lists only the second one's
+    hints in the second compile log."""
+    for name in [n for n in _SCOPES if n not in _ACTIVE]:
+        del _SCOPES[name]
 
 
 def active_fusion_scopes() -> list[str]:
